@@ -1,0 +1,38 @@
+#![doc = include_str!("../README.md")]
+
+mod clock;
+mod error;
+mod forward;
+mod inbox;
+mod lock;
+mod message;
+mod store;
+mod transport;
+mod tx;
+
+pub mod memory;
+pub mod processor;
+pub mod relay;
+
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock, add_duration, truncate_micros};
+pub use error::{Error, ErrorKind, Result};
+pub use inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
+pub use lock::{DistributedLock, Lease};
+pub use message::{
+    MAX_FIELD_LEN, Message, MessageBuilder, MessageId, MessageStatus, MessageType, StoredMessage,
+    TraceContext, shard_for,
+};
+pub use processor::{HandlerError, InboxProcessor, MessageHandler, ProcessOutcome, ProcessorStats};
+pub use relay::{Relay, RelayConfig, RelayHandle, RetryPolicy, RunReport};
+pub use store::{
+    Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
+    PendingQuery, RequeueFilter,
+};
+pub use transport::{Consumer, Delivery, Producer};
+pub use tx::{Committed, Transaction, TransactionalStore};
+
+/// Re-exported so users and backends name the same versions.
+pub use async_trait::async_trait;
+pub use bytes::Bytes;
+pub use chrono::{DateTime, Utc};
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,275 @@
+//! Inbox processing: handle each consumer delivery at most once per handler, effectively once.
+//!
+//! For every delivery, [`InboxProcessor`] opens a transaction on the store, inserts the inbox
+//! entry (message id, handler key), runs the handler *with that transaction* (so the handler's
+//! own writes, and any outbox messages it adds, commit together with the inbox entry), commits,
+//! and only then acknowledges the delivery.
+//!
+//! - A duplicate (entry already present) is acknowledged without running the handler, and
+//!   counted in [`ProcessorStats::duplicates`].
+//! - A handler error rolls the transaction back and nacks the delivery, so the broker
+//!   redelivers it. From the `max_deliveries`-th failed delivery on, the message is
+//!   dead-lettered instead, with the handler's error as the reason.
+//! - A store error (cannot begin or commit) nacks the delivery and returns the error.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ErrorKind, Result};
+use crate::inbox::{InboxEntry, InboxStore, InsertOutcome};
+use crate::message::Message;
+use crate::transport::{Consumer, Delivery};
+use crate::tx::{Transaction, TransactionalStore};
+
+/// Why a handler failed. Its text becomes the dead-letter reason.
+#[derive(Debug)]
+pub struct HandlerError {
+    message: String,
+}
+
+impl HandlerError {
+    /// A handler failure described by `message`.
+    pub fn new(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+impl From<crate::Error> for HandlerError {
+    fn from(e: crate::Error) -> Self {
+        HandlerError::new(e.to_string())
+    }
+}
+
+/// Application logic run for each new message, inside the store's transaction `Tx`.
+#[async_trait]
+pub trait MessageHandler<Tx: Send>: Send + Sync {
+    /// Handle `message`, writing through `tx`.
+    ///
+    /// # Behavior
+    /// Everything written through `tx` (business data, outbox messages via `tx.add`) commits
+    /// atomically with the inbox entry, or not at all when this returns an error.
+    async fn handle(&self, message: &Message, tx: &mut Tx) -> Result<(), HandlerError>;
+}
+
+/// What happened to one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProcessOutcome {
+    /// The handler ran and its effects committed; the delivery was acked.
+    Handled,
+    /// Already handled before; acked without running the handler.
+    Duplicate,
+    /// The handler failed; the delivery was nacked for redelivery.
+    Retrying,
+    /// The handler failed on the last allowed delivery; the message was dead-lettered.
+    DeadLettered,
+}
+
+/// Counters of an [`InboxProcessor`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcessorStats {
+    /// Deliveries handled and committed.
+    pub handled: u64,
+    /// Deliveries skipped because the inbox had seen them.
+    pub duplicates: u64,
+    /// Handler failures that led to a redelivery.
+    pub retried: u64,
+    /// Messages dead-lettered.
+    pub dead_lettered: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    handled: AtomicU64,
+    duplicates: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+}
+
+/// Runs a [`MessageHandler`] behind the inbox of a [`TransactionalStore`].
+pub struct InboxProcessor<S: TransactionalStore, H> {
+    store: Arc<S>,
+    handler: H,
+    handler_key: String,
+    max_deliveries: u32,
+    counters: Counters,
+}
+
+impl<S: TransactionalStore, H> fmt::Debug for InboxProcessor<S, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboxProcessor")
+            .field("handler_key", &self.handler_key)
+            .field("max_deliveries", &self.max_deliveries)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default number of deliveries before a failing message is dead-lettered.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
+
+impl<S, H> InboxProcessor<S, H>
+where
+    S: TransactionalStore + InboxStore,
+    H: MessageHandler<S::Tx>,
+{
+    /// A processor recording entries under `handler_key` (name it after the handler: the same
+    /// message is handled once per key). Dead-letters after [`DEFAULT_MAX_DELIVERIES`].
+    pub fn new(store: Arc<S>, handler_key: impl Into<String>, handler: H) -> Self {
+        InboxProcessor {
+            store,
+            handler,
+            handler_key: handler_key.into(),
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+            counters: Counters::default(),
+        }
+    }
+
+    /// Dead-letter a message on its `n`-th failed delivery (at least 1).
+    pub fn with_max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n.max(1);
+        self
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> ProcessorStats {
+        let c = &self.counters;
+        ProcessorStats {
+            handled: c.handled.load(AtomicOrdering::Relaxed),
+            duplicates: c.duplicates.load(AtomicOrdering::Relaxed),
+            retried: c.retried.load(AtomicOrdering::Relaxed),
+            dead_lettered: c.dead_lettered.load(AtomicOrdering::Relaxed),
+        }
+    }
+
+    /// Process one delivery: inbox insert + handler in one transaction, commit, then ack.
+    ///
+    /// # Errors
+    /// Store or transport errors. The delivery has then been nacked (when possible), so it
+    /// will be delivered again; nothing is lost.
+    pub async fn process(
+        &self,
+        consumer: &dyn Consumer,
+        delivery: &Delivery,
+    ) -> Result<ProcessOutcome> {
+        let entry = InboxEntry::new(delivery.message.id, self.handler_key.clone());
+        let mut tx = match self.store.begin().await {
+            Ok(tx) => tx,
+            Err(e) => return self.nack_after(consumer, delivery, e).await,
+        };
+        match tx.inbox_insert(&entry).await {
+            Ok(InsertOutcome::Duplicate) => {
+                tx.rollback().await?;
+                return self.ack_duplicate(consumer, delivery).await;
+            }
+            Ok(InsertOutcome::Inserted) => {}
+            Err(e) => {
+                drop(tx);
+                return self.nack_after(consumer, delivery, e).await;
+            }
+        }
+        match self.handler.handle(&delivery.message, &mut tx).await {
+            Ok(()) => match tx.commit().await {
+                Ok(_) => {
+                    consumer.ack(delivery).await?;
+                    self.counters.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                    Ok(ProcessOutcome::Handled)
+                }
+                // Backends that detect inbox duplicates at commit (DynamoDB) report them here.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    if self.store_has_entry(&entry).await {
+                        self.ack_duplicate(consumer, delivery).await
+                    } else {
+                        self.nack_after(consumer, delivery, e).await
+                    }
+                }
+                Err(e) => self.nack_after(consumer, delivery, e).await,
+            },
+            Err(handler_error) => {
+                drop(tx);
+                if delivery.attempt >= self.max_deliveries {
+                    consumer
+                        .dead_letter(delivery, &handler_error.to_string())
+                        .await?;
+                    self.counters
+                        .dead_lettered
+                        .fetch_add(1, AtomicOrdering::Relaxed);
+                    tracing::warn!(message_id = %delivery.message.id, attempt = delivery.attempt,
+                        error = %handler_error, "handler failed; message dead-lettered");
+                    Ok(ProcessOutcome::DeadLettered)
+                } else {
+                    consumer.nack(delivery).await?;
+                    self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
+                    tracing::debug!(message_id = %delivery.message.id, attempt = delivery.attempt,
+                        error = %handler_error, "handler failed; delivery nacked");
+                    Ok(ProcessOutcome::Retrying)
+                }
+            }
+        }
+    }
+
+    /// Receive and process deliveries until `shutdown` is cancelled or the consumer closes.
+    /// A delivery being processed when shutdown is requested is finished first.
+    ///
+    /// # Errors
+    /// The first transport error from `receive`; processing errors are logged and the
+    /// delivery is left to redelivery.
+    pub async fn run(
+        &self,
+        consumer: &dyn Consumer,
+        shutdown: CancellationToken,
+    ) -> Result<ProcessorStats> {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = consumer.receive() => d?,
+            };
+            let Some(delivery) = next else { break };
+            if let Err(e) = self.process(consumer, &delivery).await {
+                tracing::warn!(message_id = %delivery.message.id, error = %e,
+                    "delivery not processed; it will be redelivered");
+            }
+        }
+        Ok(self.stats())
+    }
+
+    async fn ack_duplicate(
+        &self,
+        consumer: &dyn Consumer,
+        delivery: &Delivery,
+    ) -> Result<ProcessOutcome> {
+        consumer.ack(delivery).await?;
+        self.counters.duplicates.fetch_add(1, AtomicOrdering::Relaxed);
+        Ok(ProcessOutcome::Duplicate)
+    }
+
+    async fn nack_after(
+        &self,
+        consumer: &dyn Consumer,
+        delivery: &Delivery,
+        error: crate::Error,
+    ) -> Result<ProcessOutcome> {
+        if let Err(nack_error) = consumer.nack(delivery).await {
+            tracing::warn!(message_id = %delivery.message.id, error = %nack_error, "nack failed");
+        }
+        Err(error)
+    }
+
+    async fn store_has_entry(&self, entry: &InboxEntry) -> bool {
+        // A commit-time AlreadyExists may be the inbox entry (a concurrent duplicate) or an
+        // outbox message id the handler added twice: look whether the inbox entry is there.
+        self.store.contains(entry).await.unwrap_or(false)
+    }
+}
