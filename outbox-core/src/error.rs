@@ -240,7 +240,10 @@ mod tests {
     fn display_names_kind_status_and_figures() {
         let e = Error::payload_too_large(500_000, 400_000);
         let s = e.to_string();
-        assert!(s.contains("500000") && s.contains("400000") && s.contains("permanent"), "{s}");
+        assert!(
+            s.contains("500000") && s.contains("400000") && s.contains("permanent"),
+            "{s}"
+        );
         assert_eq!(
             e.kind(),
             ErrorKind::PayloadTooLarge {

@@ -11,8 +11,8 @@ use crate::inbox::{InboxEntry, InboxStore, InsertOutcome};
 use crate::lock::{DistributedLock, Lease};
 use crate::message::{Message, MessageId, StoredMessage};
 use crate::store::{
-    Capabilities, FailedAttempt, FailureOutcome, ListQuery, OutboxStats, OutboxStore,
-    PendingQuery, RequeueFilter,
+    Capabilities, FailedAttempt, FailureOutcome, ListQuery, OutboxStats, OutboxStore, PendingQuery,
+    RequeueFilter,
 };
 use crate::transport::{Consumer, Delivery, Producer};
 

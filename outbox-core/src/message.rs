@@ -469,8 +469,14 @@ mod tests {
     fn shard_hash_is_stable_and_in_range() {
         // Fixed expectations: changing the hash would strand stored messages in wrong shards.
         let id = MessageId::new();
-        assert_eq!(shard_for(Some(""), &id, 1_000_000), 0xcbf2_9ce4_8422_2325 % 1_000_000);
-        assert_eq!(shard_for(Some("a"), &id, u32::MAX), (0xaf63_dc4c_8601_ec8c_u64 % u64::from(u32::MAX)) as u32);
+        assert_eq!(
+            shard_for(Some(""), &id, 1_000_000),
+            (0xcbf2_9ce4_8422_2325_u64 % 1_000_000) as u32
+        );
+        assert_eq!(
+            shard_for(Some("a"), &id, u32::MAX),
+            (0xaf63_dc4c_8601_ec8c_u64 % u64::from(u32::MAX)) as u32
+        );
         for i in 0..1000 {
             assert!(shard_for(Some(&format!("k{i}")), &id, 7) < 7);
         }

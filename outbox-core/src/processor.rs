@@ -251,7 +251,9 @@ where
         delivery: &Delivery,
     ) -> Result<ProcessOutcome> {
         consumer.ack(delivery).await?;
-        self.counters.duplicates.fetch_add(1, AtomicOrdering::Relaxed);
+        self.counters
+            .duplicates
+            .fetch_add(1, AtomicOrdering::Relaxed);
         Ok(ProcessOutcome::Duplicate)
     }
 

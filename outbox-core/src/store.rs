@@ -224,8 +224,7 @@ pub trait OutboxStore: Send + Sync + std::fmt::Debug {
     /// message becomes `Parked` (no longer pending); otherwise `next_attempt_at` is set and the
     /// message is not due before it. A message that is not pending is left unchanged and
     /// `NotPending` is returned; an unknown id fails with `NotFound`.
-    async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt)
-    -> Result<FailureOutcome>;
+    async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome>;
 
     /// Return parked messages to pending.
     ///
