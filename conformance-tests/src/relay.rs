@@ -1,0 +1,561 @@
+//! Relay cases: DESIGN.md "Relay" items 1–7, run with the backend's store and lock and the
+//! in-memory broker (wrapped by [`FaultyProducer`] to inject broker failures).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use outbox_core::memory::{MemoryBroker, MemoryProducer};
+use outbox_core::{
+    CancellationToken, Clock, Error, ErrorKind, Message, MessageId, MessageStatus, OutboxStore,
+    Producer, Relay, RelayConfig, RequeueFilter, Result, RetryPolicy, Transaction,
+    TransactionalStore,
+};
+
+use crate::harness::Fixture;
+
+const TOPIC: &str = "relay.cases";
+
+/// A producer that forwards to a real in-memory broker and fails or hangs on demand.
+#[derive(Debug)]
+pub struct FaultyProducer {
+    inner: MemoryProducer,
+    down: AtomicBool,
+    failures: Mutex<HashMap<MessageId, (u32, bool)>>,
+    hang_after: Mutex<Option<usize>>,
+    confirmed: AtomicUsize,
+    hung: tokio::sync::Notify,
+}
+
+impl FaultyProducer {
+    /// Forward to `broker`.
+    pub fn new(broker: &MemoryBroker) -> Self {
+        FaultyProducer {
+            inner: broker.producer(),
+            down: AtomicBool::new(false),
+            failures: Mutex::new(HashMap::new()),
+            hang_after: Mutex::new(None),
+            confirmed: AtomicUsize::new(0),
+            hung: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// While `true`, every send fails with a retryable `Unavailable` (broker down).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, AtomicOrdering::SeqCst);
+    }
+
+    /// The next `times` sends of `id` fail (retryable or permanent).
+    pub fn fail(&self, id: MessageId, times: u32, retryable: bool) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, (times, retryable));
+    }
+
+    /// After `n` confirmed sends, every further send hangs forever (a relay stuck mid-batch).
+    pub fn hang_after(&self, n: usize) {
+        *self.hang_after.lock().unwrap_or_else(|p| p.into_inner()) = Some(n);
+    }
+
+    /// Resolves once a send has started hanging.
+    pub async fn hung(&self) {
+        self.hung.notified().await;
+    }
+}
+
+#[async_trait]
+impl Producer for FaultyProducer {
+    async fn send(&self, message: &Message) -> Result<()> {
+        if self.down.load(AtomicOrdering::SeqCst) {
+            return Err(Error::unavailable("broker down (injected)"));
+        }
+        let injected = {
+            let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            match f.get_mut(&message.id) {
+                Some((n, retryable)) if *n > 0 => {
+                    *n -= 1;
+                    Some(*retryable)
+                }
+                _ => None,
+            }
+        };
+        if let Some(retryable) = injected {
+            return Err(Error::new(ErrorKind::Unavailable, "send failed (injected)")
+                .set_retryable(retryable));
+        }
+        let limit = *self.hang_after.lock().unwrap_or_else(|p| p.into_inner());
+        if limit.is_some_and(|l| self.confirmed.load(AtomicOrdering::SeqCst) >= l) {
+            self.hung.notify_one();
+            std::future::pending::<()>().await;
+        }
+        self.inner.send(message).await?;
+        self.confirmed.fetch_add(1, AtomicOrdering::SeqCst);
+        Ok(())
+    }
+}
+
+fn config(instance: &str) -> RelayConfig {
+    RelayConfig {
+        instance_id: instance.to_owned(),
+        batch_size: 50,
+        max_in_flight: 16,
+        poll_interval: Duration::from_millis(20),
+        lease_ttl: Duration::from_secs(30),
+        publish_timeout: Duration::from_secs(5),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            jitter: false,
+            ..RetryPolicy::default()
+        },
+        ..RelayConfig::default()
+    }
+}
+
+fn relay<S: TransactionalStore>(
+    f: &Fixture<S>,
+    producer: Arc<dyn Producer>,
+    config: RelayConfig,
+) -> Relay {
+    Relay::with_clock(
+        f.outbox.clone(),
+        f.lock.clone(),
+        producer,
+        config,
+        Arc::new(f.clock.clone()),
+    )
+    .expect("valid relay config")
+}
+
+/// `n` messages over `keys` keys (round robin); every fifth message has no key.
+async fn add_messages(outbox: &dyn OutboxStore, n: usize, keys: usize) -> Vec<Message> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut b = Message::builder(TOPIC).payload(format!("m{i}").into_bytes());
+        if i % 5 != 4 {
+            b = b.key(format!("key-{}", i % keys.max(1)));
+        }
+        let m = b.build().expect("valid message");
+        outbox.add(&m).await.expect("add");
+        out.push(m);
+    }
+    out
+}
+
+/// Tick until a tick fetches nothing (bounded).
+async fn drain(relay: &Relay) {
+    for _ in 0..10_000 {
+        if relay.tick().await.expect("tick").batches == 0 {
+            return;
+        }
+    }
+    panic!("relay did not drain within 10,000 ticks");
+}
+
+fn published_ids(broker: &MemoryBroker) -> Vec<MessageId> {
+    broker.published(TOPIC).iter().map(|m| m.id).collect()
+}
+
+/// Per key, the order in which the broker received the messages.
+fn order_by_key(messages: &[Message]) -> HashMap<String, Vec<MessageId>> {
+    let mut by_key: HashMap<String, Vec<MessageId>> = HashMap::new();
+    for m in messages {
+        if let Some(k) = &m.key {
+            by_key.entry(k.clone()).or_default().push(m.id);
+        }
+    }
+    by_key
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(20), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+/// Relay 1: every committed message is published, exactly once without failures, in per-key
+/// order, and ends dispatched.
+pub async fn publishes_every_message_exactly_once<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let added = add_messages(f.outbox.as_ref(), 300, 20).await;
+    let r = relay(f, Arc::new(broker.producer()), config("r1"));
+    drain(&r).await;
+
+    let published = broker.published(TOPIC);
+    let ids: Vec<MessageId> = published.iter().map(|m| m.id).collect();
+    assert_eq!(ids.len(), 300, "published count");
+    let distinct: HashSet<MessageId> = ids.iter().copied().collect();
+    let expected: HashSet<MessageId> = added.iter().map(|m| m.id).collect();
+    assert_eq!(distinct, expected, "published exactly the added messages");
+    assert_eq!(
+        order_by_key(&published),
+        order_by_key(&added),
+        "per-key order"
+    );
+    assert_eq!(r.stats().published, 300);
+    let stats = f.outbox.stats().await.expect("stats");
+    assert_eq!((stats.pending, stats.parked), (0, 0));
+    for m in added.iter().take(10) {
+        let s = f.outbox.get(m.id).await.expect("get").expect("stored");
+        assert_eq!(s.status, MessageStatus::Dispatched);
+        assert!(s.dispatched_at.is_some());
+    }
+}
+
+/// Relay 2: instances split the shards (disjoint fair shares covering every shard) and, run
+/// concurrently, publish every message once.
+pub async fn instances_split_work<S: TransactionalStore>(f: &Fixture<S>) {
+    let shards = f.outbox.shard_count();
+    let n_relays = 3.min(shards as usize);
+    let broker = MemoryBroker::new();
+    let relays: Vec<Relay> = (0..n_relays)
+        .map(|i| relay(f, Arc::new(broker.producer()), config(&format!("r{i}"))))
+        .collect();
+    let mut held = Vec::new();
+    for _round in 0..3 {
+        held.clear();
+        for r in &relays {
+            held.push(r.rebalance().await.expect("rebalance"));
+        }
+    }
+    let fair = (shards as usize).div_ceil(n_relays);
+    let mut union = BTreeSet::new();
+    for (i, h) in held.iter().enumerate() {
+        assert!(!h.is_empty(), "relay {i} holds no shard: {held:?}");
+        assert!(
+            h.len() <= fair,
+            "relay {i} holds more than its fair share: {held:?}"
+        );
+        for s in h {
+            assert!(union.insert(*s), "shard {s} held twice: {held:?}");
+        }
+    }
+    assert_eq!(union, (0..shards).collect(), "every shard held: {held:?}");
+
+    let added = add_messages(f.outbox.as_ref(), 300, 40).await;
+    loop {
+        let reports = futures::future::join_all(relays.iter().map(|r| r.tick())).await;
+        let mut batches = 0;
+        for rep in reports {
+            batches += rep.expect("tick").batches;
+        }
+        if batches == 0 {
+            break;
+        }
+    }
+    let ids = published_ids(&broker);
+    let distinct: HashSet<MessageId> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), added.len(), "no message published twice");
+    assert_eq!(distinct.len(), added.len(), "every message published");
+    if shards > 1 {
+        let busy = relays.iter().filter(|r| r.stats().published > 0).count();
+        assert!(busy >= 2, "work was not split: {busy} relay(s) published");
+    }
+}
+
+/// Relay 3: a relay killed mid-batch loses nothing; another instance takes over after the
+/// lease expires and publishes everything (duplicates bounded by the batch).
+pub async fn killed_relay_loses_nothing<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let added = add_messages(f.outbox.as_ref(), 120, 10).await;
+    let stuck = Arc::new(FaultyProducer::new(&broker));
+    stuck.hang_after(10);
+    let a = relay(f, stuck.clone(), config("doomed"));
+    assert!(!a.rebalance().await.expect("rebalance").is_empty());
+    let task = tokio::spawn({
+        let a = a.clone();
+        async move { a.tick().await }
+    });
+    tokio::time::timeout(Duration::from_secs(20), stuck.hung())
+        .await
+        .expect("relay reached the hanging send");
+    task.abort(); // the crash: no release, no mark_dispatched
+    let _ = task.await;
+
+    let b = relay(f, Arc::new(broker.producer()), config("survivor"));
+    assert!(
+        b.rebalance().await.expect("rebalance").is_empty(),
+        "leases of the crashed relay are still live"
+    );
+    f.clock
+        .advance(config("x").lease_ttl + Duration::from_secs(1));
+    assert_eq!(
+        b.rebalance().await.expect("rebalance").len(),
+        f.outbox.shard_count() as usize,
+        "survivor takes over every shard after expiry"
+    );
+    drain(&b).await;
+
+    let ids = published_ids(&broker);
+    let distinct: HashSet<MessageId> = ids.iter().copied().collect();
+    let expected: HashSet<MessageId> = added.iter().map(|m| m.id).collect();
+    assert_eq!(distinct, expected, "nothing lost");
+    assert!(
+        ids.len() <= added.len() + config("x").batch_size,
+        "duplicates bounded by one batch: {} published",
+        ids.len()
+    );
+    assert_eq!(f.outbox.stats().await.expect("stats").pending, 0);
+}
+
+/// Relay 4: broker down: messages stay pending with backoff, nothing is lost, publishing
+/// resumes by itself once the broker is back and the backoff elapsed.
+pub async fn broker_down_then_recovers<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    let added = add_messages(f.outbox.as_ref(), 20, 4).await;
+    let r = relay(f, producer.clone(), config("r"));
+    producer.set_down(true);
+    let rep = r.tick().await.expect("tick");
+    assert!(rep.failed > 0 && rep.published == 0, "{rep:?}");
+    let stats = f.outbox.stats().await.expect("stats");
+    assert_eq!((stats.pending, stats.parked), (20, 0), "all still pending");
+    let failed: Vec<_> = futures::future::join_all(added.iter().map(|m| f.outbox.get(m.id)))
+        .await
+        .into_iter()
+        .map(|s| s.expect("get").expect("stored"))
+        .filter(|s| s.attempts > 0)
+        .collect();
+    assert_eq!(failed.len() as u64, rep.failed);
+    let now = f.clock.now();
+    for s in &failed {
+        assert!(
+            s.next_attempt_at.is_some_and(|t| t > now),
+            "backoff scheduled"
+        );
+        assert!(
+            s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("broker down"))
+        );
+    }
+    // Back up, but the backoff has not elapsed: nothing due yet.
+    producer.set_down(false);
+    assert_eq!(
+        r.tick().await.expect("tick").published,
+        0,
+        "backoff respected"
+    );
+    f.clock.advance(Duration::from_secs(2));
+    drain(&r).await;
+    let distinct: HashSet<MessageId> = published_ids(&broker).into_iter().collect();
+    assert_eq!(distinct.len(), 20, "everything published after recovery");
+    assert_eq!(f.outbox.stats().await.expect("stats").pending, 0);
+}
+
+/// Relay (contract 6 through the relay): repeated failures park the message after
+/// `max_attempts`, a permanent error parks at once, the parked head holds back its key, and
+/// requeue brings it back in order.
+pub async fn parks_after_max_attempts_then_requeue<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    let head = Message::builder(TOPIC)
+        .key("k")
+        .payload("head")
+        .build()
+        .expect("msg");
+    let next = Message::builder(TOPIC)
+        .key("k")
+        .payload("next")
+        .build()
+        .expect("msg");
+    let poison = Message::builder(TOPIC)
+        .key("p")
+        .payload("poison")
+        .build()
+        .expect("msg");
+    for m in [&head, &next, &poison] {
+        f.outbox.add(m).await.expect("add");
+    }
+    producer.fail(head.id, 100, true);
+    producer.fail(poison.id, 1, false);
+    let r = relay(f, producer.clone(), config("r"));
+    for _ in 0..3 {
+        r.tick().await.expect("tick");
+        f.clock.advance(Duration::from_secs(61));
+    }
+    let h = f.outbox.get(head.id).await.expect("get").expect("stored");
+    assert_eq!(
+        (h.status, h.attempts),
+        (MessageStatus::Parked, 3),
+        "parked after 3"
+    );
+    let p = f.outbox.get(poison.id).await.expect("get").expect("stored");
+    assert_eq!(
+        (p.status, p.attempts),
+        (MessageStatus::Parked, 1),
+        "permanent error parks at once"
+    );
+    let n = f.outbox.get(next.id).await.expect("get").expect("stored");
+    assert_eq!(
+        n.status,
+        MessageStatus::Pending,
+        "held back behind the parked head"
+    );
+    assert!(published_ids(&broker).is_empty());
+    assert_eq!(f.outbox.stats().await.expect("stats").parked, 2);
+    assert_eq!(r.stats().parked, 2);
+
+    producer.fail(head.id, 0, true);
+    assert_eq!(
+        f.outbox
+            .requeue(&RequeueFilter::Ids(vec![head.id]))
+            .await
+            .expect("requeue"),
+        1
+    );
+    drain(&r).await;
+    assert_eq!(
+        published_ids(&broker),
+        vec![head.id, next.id],
+        "key order kept after requeue"
+    );
+    assert_eq!(f.outbox.stats().await.expect("stats").parked, 1);
+}
+
+/// Relay (contract 7 through the relay): a failing head holds back later messages of its key
+/// but not other keys; after the retry the key is published in order.
+pub async fn per_key_order_survives_failures<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    let mut a = Vec::new();
+    let mut b = Vec::new();
+    for i in 0..3 {
+        a.push(
+            Message::builder(TOPIC)
+                .key("a")
+                .payload(format!("a{i}"))
+                .build()
+                .expect("m"),
+        );
+        b.push(
+            Message::builder(TOPIC)
+                .key("b")
+                .payload(format!("b{i}"))
+                .build()
+                .expect("m"),
+        );
+    }
+    for (x, y) in a.iter().zip(&b) {
+        f.outbox.add(x).await.expect("add");
+        f.outbox.add(y).await.expect("add");
+    }
+    producer.fail(a[0].id, 1, true);
+    let r = relay(f, producer.clone(), config("r"));
+    let rep = r.tick().await.expect("tick");
+    assert_eq!((rep.published, rep.failed), (3, 1), "{rep:?}");
+    assert_eq!(
+        published_ids(&broker),
+        b.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        r.tick().await.expect("tick").published,
+        0,
+        "key a waits for its head"
+    );
+    f.clock.advance(Duration::from_secs(2));
+    drain(&r).await;
+    let by_key = order_by_key(&broker.published(TOPIC));
+    assert_eq!(by_key["a"], a.iter().map(|m| m.id).collect::<Vec<_>>());
+    assert_eq!(by_key["b"], b.iter().map(|m| m.id).collect::<Vec<_>>());
+}
+
+/// Relay 5: on shutdown the running relay finishes, releases every lease, and another
+/// instance can take all shards at once (no expiry wait).
+pub async fn graceful_shutdown_releases_leases<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    add_messages(f.outbox.as_ref(), 40, 5).await;
+    let r = relay(f, Arc::new(broker.producer()), config("r"));
+    let shutdown = CancellationToken::new();
+    let running = r.spawn(shutdown.clone());
+    wait_until("all 40 published", || broker.published_count() >= 40).await;
+    shutdown.cancel();
+    let report = running.await.expect("join").expect("run");
+    assert_eq!(report.published, 40);
+    for shard in 0..f.outbox.shard_count() {
+        let lease = f
+            .lock
+            .current(&format!("outbox/shard/{shard}"))
+            .await
+            .expect("current");
+        assert!(
+            lease.is_none(),
+            "shard {shard} still leased after shutdown: {lease:?}"
+        );
+    }
+    let next = relay(f, Arc::new(broker.producer()), config("next"));
+    assert_eq!(
+        next.rebalance().await.expect("rebalance").len(),
+        f.outbox.shard_count() as usize
+    );
+}
+
+/// Relay 6: after commit, handing the result to the relay publishes at once, with a poll
+/// interval far too long to explain it.
+pub async fn notify_dispatches_immediately<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let r = relay(
+        f,
+        Arc::new(broker.producer()),
+        RelayConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..config("r")
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = r.spawn(shutdown.clone());
+    let m = Message::builder(TOPIC).key("fast").build().expect("m");
+    if f.outbox.capabilities().transactions {
+        let mut tx = f.tx_store.begin().await.expect("begin");
+        tx.add(&m).await.expect("add");
+        let committed = tx.commit().await.expect("commit");
+        r.handle().notify(&committed);
+    } else {
+        f.outbox.add(&m).await.expect("add");
+        r.handle().wake();
+    }
+    wait_until("the notified message is published", || {
+        broker.published_count() == 1
+    })
+    .await;
+    shutdown.cancel();
+    running.await.expect("join").expect("run");
+    assert_eq!(published_ids(&broker), vec![m.id]);
+}
+
+/// Relay 7: `run_once` drains one batch and returns with its leases released.
+pub async fn run_once_drains_one_batch<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    add_messages(f.outbox.as_ref(), 25, 25).await;
+    let r = relay(
+        f,
+        Arc::new(broker.producer()),
+        RelayConfig {
+            batch_size: 10,
+            ..config("lambda")
+        },
+    );
+    let first = r.run_once().await.expect("run_once");
+    assert_eq!((first.published, first.batches), (10, 1));
+    for shard in 0..f.outbox.shard_count() {
+        assert!(
+            f.lock
+                .current(&format!("outbox/shard/{shard}"))
+                .await
+                .expect("current")
+                .is_none()
+        );
+    }
+    assert_eq!(r.run_once().await.expect("run_once").published, 10);
+    assert_eq!(r.run_once().await.expect("run_once").published, 5);
+    assert_eq!(r.run_once().await.expect("run_once").published, 0);
+    assert_eq!(broker.published_count(), 25);
+}
