@@ -6,13 +6,15 @@ pub mod lock;
 pub mod relay;
 pub mod store;
 mod support;
+pub mod transport;
 pub mod tx;
 
 pub use harness::{BusinessRecords, Fixture, NoTransaction, NoTransactions, SetupContext};
+pub use transport::TransportHarness;
 
 // Adding a case: write `pub async fn name<S: TransactionalStore>(f: &Fixture<S>)` in its
 // module, then add one `group_name => $crate::module::name,` line to the group's list below.
-// Transport cases will get a `transport` module with their own fixture and macro.
+// Transport cases take a `&dyn TransportHarness` instead of a `Fixture`.
 
 /// Every case: store, transaction, inbox, lock and relay. One `#[test]` per case, named after it.
 ///
@@ -170,6 +172,36 @@ macro_rules! __relay_cases {
     };
 }
 
+/// The transport cases (`transport_*`): transport items 1–4 against a real broker.
+///
+/// `$setup` is an `async fn(SetupContext) -> outbox_core::Result<H>` where
+/// `H: TransportHarness`; return an `ErrorKind::Unavailable` error when the broker is absent.
+#[macro_export]
+macro_rules! transport_tests {
+    ($setup:expr) => {
+        $crate::__transport_cases!(transport_tests[$setup]);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __transport_cases {
+    ($mode:ident [$($arg:tt)*]) => {
+        $crate::__emit! {$mode [$($arg)*]
+            transport_round_trip_every_field => $crate::transport::round_trip_every_field,
+            transport_per_key_order => $crate::transport::per_key_order,
+            transport_confirmed_send_is_consumable => $crate::transport::confirmed_send_is_consumable,
+            transport_unreachable_broker_is_retryable => $crate::transport::unreachable_broker_is_retryable,
+            transport_unroutable_is_permanent => $crate::transport::unroutable_is_permanent,
+            transport_too_large_is_permanent => $crate::transport::too_large_is_permanent,
+            transport_nack_redelivers => $crate::transport::nack_redelivers,
+            transport_unacked_redelivered_after_restart => $crate::transport::unacked_redelivered_after_restart,
+            transport_dead_letter_after_n_failures => $crate::transport::dead_letter_after_n_failures,
+            transport_inbox_suppresses_duplicate => $crate::transport::inbox_suppresses_duplicate,
+        }
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __emit {
@@ -181,6 +213,18 @@ macro_rules! __emit {
                     $crate::harness::setup(::std::stringify!($name), $setup).await
                 {
                     $case(&fixture).await;
+                }
+            });
+        }
+    )*};
+    (transport_tests [$setup:expr] $($name:ident => $case:path),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            $crate::harness::block_on(async {
+                if let ::std::option::Option::Some(harness) =
+                    $crate::transport::setup(::std::stringify!($name), $setup).await
+                {
+                    $case(&harness).await;
                 }
             });
         }
@@ -197,6 +241,7 @@ pub const CASES: &[&[&str]] = &[
     __inbox_cases!(names[]),
     __lock_cases!(names[]),
     __relay_cases!(names[]),
+    __transport_cases!(names[]),
 ];
 
 #[cfg(test)]

@@ -171,7 +171,11 @@ where
         };
         match tx.inbox_insert(&entry).await {
             Ok(InsertOutcome::Duplicate) => {
-                tx.rollback().await?;
+                // Nothing was written; a failed rollback only means the connection is gone,
+                // and dropping the transaction discards it either way.
+                if let Err(e) = tx.rollback().await {
+                    tracing::debug!(error = %e, "rollback after duplicate failed");
+                }
                 return self.ack_duplicate(consumer, delivery).await;
             }
             Ok(InsertOutcome::Inserted) => {}
@@ -183,8 +187,10 @@ where
         match self.handler.handle(&delivery.message, &mut tx).await {
             Ok(()) => match tx.commit().await {
                 Ok(_) => {
-                    consumer.ack(delivery).await?;
+                    // The effects are durable from here on, whatever happens to the ack: a
+                    // failed ack means a redelivery, which the inbox turns into a duplicate.
                     self.counters.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                    consumer.ack(delivery).await?;
                     Ok(ProcessOutcome::Handled)
                 }
                 // Backends that detect inbox duplicates at commit (DynamoDB) report them here.

@@ -1,0 +1,174 @@
+//! Inbox processing against the in-memory store and broker.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use outbox_core::memory::{MemoryBroker, MemoryStore, MemoryTx};
+use outbox_core::{
+    Consumer, HandlerError, InboxEntry, InboxProcessor, InboxStore, Message, MessageHandler,
+    MessageId, OutboxStore, ProcessOutcome, Producer, Transaction, async_trait,
+};
+
+const TOPIC: &str = "orders";
+
+/// Writes a record per message; fails the first `fail_times[id]` calls for chosen ids; can add
+/// a follow-up outbox message in the same transaction.
+#[derive(Default)]
+struct Billing {
+    fail_times: Mutex<HashMap<MessageId, u32>>,
+    calls: Arc<Mutex<HashMap<MessageId, u32>>>,
+    follow_up: bool,
+}
+
+#[async_trait]
+impl MessageHandler<MemoryTx> for Billing {
+    async fn handle(&self, message: &Message, tx: &mut MemoryTx) -> Result<(), HandlerError> {
+        *self.calls.lock().unwrap().entry(message.id).or_default() += 1;
+        tx.put_record(format!("billing/{}", message.id), message.payload.clone());
+        if self.follow_up {
+            let reply = Message::builder("billing.done")
+                .key(message.id.to_string())
+                .build()?;
+            tx.add(&reply).await?;
+        }
+        let mut fails = self.fail_times.lock().unwrap();
+        match fails.get_mut(&message.id) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                Err(HandlerError::new("card declined"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+async fn publish(broker: &MemoryBroker, n: usize) -> Vec<Message> {
+    let producer = broker.producer();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let m = Message::builder(TOPIC)
+            .key(format!("o{i}"))
+            .payload(format!("order {i}"))
+            .build()
+            .unwrap();
+        producer.send(&m).await.unwrap();
+        out.push(m);
+    }
+    out
+}
+
+/// Process deliveries until the queue is empty.
+async fn drain<H: MessageHandler<MemoryTx>>(
+    p: &InboxProcessor<MemoryStore, H>,
+    consumer: &dyn Consumer,
+    broker: &MemoryBroker,
+) -> Vec<ProcessOutcome> {
+    let mut outcomes = Vec::new();
+    while broker.queued(consumer_name()) > 0 {
+        let d = consumer.receive().await.unwrap().unwrap();
+        outcomes.push(p.process(consumer, &d).await.unwrap());
+    }
+    outcomes
+}
+
+fn consumer_name() -> &'static str {
+    "billing"
+}
+
+#[tokio::test]
+async fn each_message_handled_once_and_duplicates_acked_without_effect() {
+    let store = MemoryStore::new();
+    let broker = MemoryBroker::new();
+    let consumer = broker.subscribe(consumer_name(), &[TOPIC]);
+    let handler = Billing::default();
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler);
+    let sent = publish(&broker, 10).await;
+
+    drain(&p, &consumer, &broker).await;
+    for m in &sent[..3] {
+        broker.redeliver(consumer_name(), m.id).unwrap();
+    }
+    let outcomes = drain(&p, &consumer, &broker).await;
+
+    assert_eq!(outcomes, vec![ProcessOutcome::Duplicate; 3]);
+    let stats = p.stats();
+    assert_eq!((stats.handled, stats.duplicates), (10, 3));
+    assert_eq!(store.record_count(), 10);
+    assert_eq!(broker.unacked(consumer_name()), 0, "every delivery acked");
+    for m in &sent {
+        assert!(
+            store
+                .contains(&InboxEntry::new(m.id, "billing"))
+                .await
+                .unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn handler_failure_redelivers_then_dead_letters_with_nothing_written() {
+    let store = MemoryStore::new();
+    let broker = MemoryBroker::new();
+    let consumer = broker.subscribe(consumer_name(), &[TOPIC]);
+    let sent = publish(&broker, 2).await;
+    let handler = Billing::default();
+    handler.fail_times.lock().unwrap().insert(sent[0].id, 100); // always fails
+    handler.fail_times.lock().unwrap().insert(sent[1].id, 1); // fails once
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler).with_max_deliveries(3);
+
+    let outcomes = drain(&p, &consumer, &broker).await;
+
+    // nack puts a delivery back at the front, so each message is retried before the next.
+    assert_eq!(
+        outcomes,
+        vec![
+            ProcessOutcome::Retrying,
+            ProcessOutcome::Retrying,
+            ProcessOutcome::DeadLettered,
+            ProcessOutcome::Retrying,
+            ProcessOutcome::Handled,
+        ]
+    );
+    let dead = broker.dead_letters(consumer_name());
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0.id, sent[0].id);
+    assert!(dead[0].1.contains("card declined"), "{}", dead[0].1);
+    // The failed attempts rolled back: no record and no inbox entry for the dead message.
+    assert_eq!(store.record(&format!("billing/{}", sent[0].id)), None);
+    assert!(
+        !store
+            .contains(&InboxEntry::new(sent[0].id, "billing"))
+            .await
+            .unwrap()
+    );
+    assert!(store.record(&format!("billing/{}", sent[1].id)).is_some());
+    let stats = p.stats();
+    assert_eq!(
+        (stats.handled, stats.retried, stats.dead_lettered),
+        (1, 3, 1)
+    );
+}
+
+#[tokio::test]
+async fn messages_added_by_the_handler_commit_with_the_inbox_entry() {
+    let store = MemoryStore::new();
+    let broker = MemoryBroker::new();
+    let consumer = broker.subscribe(consumer_name(), &[TOPIC]);
+    let sent = publish(&broker, 2).await;
+    let handler = Billing {
+        follow_up: true,
+        ..Billing::default()
+    };
+    handler.fail_times.lock().unwrap().insert(sent[0].id, 1);
+    let calls = handler.calls.clone();
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler);
+
+    drain(&p, &consumer, &broker).await;
+
+    // The failed first attempt added a follow-up too, but rolled back: exactly one per message.
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.pending, 2, "one follow-up per handled message");
+    let calls = calls.lock().unwrap();
+    assert_eq!(calls[&sent[0].id], 2);
+    assert_eq!(calls[&sent[1].id], 1);
+}
