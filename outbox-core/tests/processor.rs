@@ -1,4 +1,5 @@
 //! Inbox processing against the in-memory store and broker.
+#![allow(clippy::unwrap_used)] // test helpers may panic
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
