@@ -1,1 +1,16 @@
-//! outbox facade
+#![cfg_attr(feature = "sqlite", doc = include_str!("../README.md"))]
+#![cfg_attr(
+    not(feature = "sqlite"),
+    doc = "Reliable messaging between services: transactional outbox, inbox, leases and relay. \
+           Enable the `sqlite` feature (and later `postgres`, `dynamodb`, `kafka`, `rabbitmq`) \
+           for storage backends and transports; see the README."
+)]
+//!
+//! Everything in [`outbox_core`] is re-exported at the root; each backend is a module behind
+//! its cargo feature.
+
+pub use outbox_core::*;
+
+/// SQLite storage (feature `sqlite`): outbox, inbox and lock on an embedded SQLite file.
+#[cfg(feature = "sqlite")]
+pub use outbox_sqlite as sqlite;

@@ -34,8 +34,9 @@ pub trait DistributedLock: Send + Sync + std::fmt::Debug {
     /// # Behavior
     /// - `Ok(Some(lease))` if the resource was free, released, or its lease expired; the new
     ///   lease's `token` is strictly greater than any token ever issued for the resource.
-    /// - `Ok(None)` if another owner holds an unexpired lease. If `owner` itself holds it, the
-    ///   call behaves like a renew and returns the same token.
+    /// - `Ok(None)` if another owner holds an unexpired lease. If `owner` itself holds an
+    ///   unexpired lease, the call behaves like a renew and returns the same token; if its own
+    ///   lease has expired, the call is a new acquisition with a greater token.
     /// - With many concurrent callers on a free resource, exactly one gets `Some`.
     /// - Empty resource or owner, or a zero ttl, fail with `InvalidInput`.
     async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>>;

@@ -222,6 +222,11 @@ impl Message {
         }
         if let MessageType::Other(s) = &self.message_type {
             check_text("message_type", s, false)?;
+            if !matches!(MessageType::parse(s), MessageType::Other(_)) {
+                return Err(Error::invalid_input(format!(
+                    "message_type Other({s:?}) is reserved; use the MessageType variant instead"
+                )));
+            }
         }
         Ok(())
     }
@@ -463,6 +468,11 @@ mod tests {
         assert!(e.to_string().contains("key"), "{e}");
         let e = Message::builder("t").header("", "v").build().unwrap_err();
         assert!(e.to_string().contains("header"), "{e}");
+        let e = Message::builder("t")
+            .message_type(MessageType::Other("event".into()))
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("reserved"), "{e}");
     }
 
     #[test]

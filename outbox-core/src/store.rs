@@ -112,8 +112,8 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    /// Capabilities with every flag set and no limits; adjust fields with struct update syntax
-    /// from outside the crate via the setters.
+    /// Every flag set and no limits. Backends adjust it with the `with_*` setters (the struct
+    /// is `#[non_exhaustive]`, so it cannot be built literally outside this crate).
     pub fn full() -> Self {
         Capabilities {
             max_message_size: None,
