@@ -69,7 +69,16 @@ spawn() { # spawn NAME CMD... : start in the background, detached, logging to $L
 
 need_cmd() { command -v "$1" >/dev/null 2>&1 || die "missing $1: $2"; }
 need_cmd cargo "install the Rust toolchain with rustup"
-need_cmd cc "install gcc (rusqlite and librdkafka build C code)"
+
+# Build prerequisites: rusqlite and librdkafka compile C; rdkafka's SSL/SASL support links
+# OpenSSL found through pkg-config.
+build_deps=()
+command -v cc >/dev/null 2>&1 || build_deps+=(gcc)
+command -v make >/dev/null 2>&1 || build_deps+=(make)
+command -v pkg-config >/dev/null 2>&1 || build_deps+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || build_deps+=(libssl-dev)
+if [ ${#build_deps[@]} -gt 0 ]; then apt_install "${build_deps[@]}"; fi
+log "build prerequisites: gcc, make, pkg-config, libssl-dev present"
 
 ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then

@@ -18,3 +18,8 @@ pub use outbox_sqlite as sqlite;
 /// RabbitMQ transport (feature `rabbitmq`): publisher-confirmed producer, inbox-guarded consumer.
 #[cfg(feature = "rabbitmq")]
 pub use outbox_rabbitmq as rabbitmq;
+
+/// Kafka transport (feature `kafka`): idempotent `acks=all` producer, group consumer with
+/// manual commits and a dead-letter topic.
+#[cfg(feature = "kafka")]
+pub use outbox_kafka as kafka;

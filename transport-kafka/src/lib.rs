@@ -1,0 +1,17 @@
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod consumer;
+mod error;
+pub mod headers;
+mod producer;
+
+pub use config::{ENV_PREFIX, KafkaConfig};
+pub use consumer::{
+    ConsumerOptions, DEFAULT_DLQ_SUFFIX, DeadLetter, KafkaConsumer, RecordPosition, decode_message,
+};
+pub use error::parse_error;
+pub use producer::{KafkaProducer, create_topics};
+
+/// Re-exported so callers name the same rdkafka version.
+pub use rdkafka;
