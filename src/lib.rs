@@ -11,6 +11,14 @@
 
 pub use outbox_core::*;
 
+/// DynamoDB storage (feature `dynamodb`): outbox, inbox, lock and unit of work.
+#[cfg(feature = "dynamodb")]
+pub use outbox_dynamodb as dynamodb;
+
+/// PostgreSQL storage (feature `postgres`): outbox, inbox, lock and migrations on sqlx.
+#[cfg(feature = "postgres")]
+pub use outbox_postgres as postgres;
+
 /// SQLite storage (feature `sqlite`): outbox, inbox and lock on an embedded SQLite file.
 #[cfg(feature = "sqlite")]
 pub use outbox_sqlite as sqlite;

@@ -1,0 +1,237 @@
+//! [`DynamoDbLock`]: leases with fencing tokens on conditional writes.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
+use aws_sdk_dynamodb::types::ReturnValue;
+use outbox_core::{
+    DateTime, DistributedLock, Error, ErrorKind, Lease, Result, SharedClock, Utc, add_duration,
+};
+
+use crate::codec::{EXPIRES, Item, OWNER, PK, TOKEN, get_n, get_s, micros, n, s};
+use crate::error::parse_error;
+
+/// Leases with fencing tokens, one item per resource in the lock table.
+///
+/// - **Acquire** is a conditional `UpdateItem`: it succeeds if the item is absent, released
+///   (no owner) or expired (`ex <= now`), sets the owner and expiry and adds 1 to the token
+///   (`ADD tk 1`), so the token strictly increases across takeovers; exactly one of many
+///   concurrent acquirers wins the condition. If that fails and the caller already holds an
+///   unexpired lease, a second conditional update extends it with the same token.
+/// - **Renew** and **release** are conditional on `owner = :me AND token = :mine`; a failed
+///   condition is `LeaseLost`. Release removes the owner but keeps the token.
+/// - **Expiry is judged by the client's clock** (the store's [`Clock`](outbox_core::Clock)):
+///   every instance writes and compares `expires_at` from its own clock, so leases assume the
+///   clocks of cooperating instances differ by much less than the lease TTL (NTP / Amazon Time
+///   Sync keep EC2 hosts within milliseconds; keep TTLs in seconds or more). A holder must
+///   stop acting before its own `expires_at`; fencing tokens protect downstream systems from a
+///   holder that stalls past it.
+#[derive(Clone)]
+pub struct DynamoDbLock {
+    client: Client,
+    table: String,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for DynamoDbLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamoDbLock")
+            .field("table", &self.table)
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+fn check(what: &str, v: &str) -> Result<()> {
+    if v.is_empty() {
+        return Err(Error::invalid_input(format!(
+            "lock {what} must not be empty"
+        )));
+    }
+    if v.len() > 1024 {
+        return Err(Error::invalid_input(format!(
+            "lock {what} is {} bytes long; at most 1024",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl.is_zero() {
+        return Err(Error::invalid_input("lock ttl must be greater than zero"));
+    }
+    Ok(())
+}
+
+fn lease_lost(lease: &Lease, why: &str) -> Error {
+    Error::new(
+        ErrorKind::LeaseLost,
+        format!(
+            "lease on {:?} (owner {:?}, token {}) {why}",
+            lease.resource, lease.owner, lease.token
+        ),
+    )
+}
+
+fn lease_from(resource: &str, item: Option<&Item>) -> Result<Lease> {
+    let item = item.ok_or_else(|| Error::unexpected("lock update returned no attributes"))?;
+    let expires: i64 = get_n(item, EXPIRES)?.unwrap_or(0);
+    Ok(Lease {
+        resource: resource.to_owned(),
+        owner: get_s(item, OWNER).unwrap_or_default().to_owned(),
+        token: get_n(item, TOKEN)?.unwrap_or(0),
+        expires_at: DateTime::<Utc>::from_timestamp_micros(expires)
+            .ok_or_else(|| Error::unexpected("lock expiry out of range"))?,
+    })
+}
+
+impl DynamoDbLock {
+    /// A lock on `table` (created by [`DynamoDbStore::create_tables`](crate::DynamoDbStore::create_tables)),
+    /// judging expiry by `clock`.
+    pub fn new(client: Client, table: impl Into<String>, clock: SharedClock) -> Self {
+        DynamoDbLock {
+            client,
+            table: table.into(),
+            clock,
+        }
+    }
+
+    async fn conditional(
+        &self,
+        req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
+    ) -> Result<Option<UpdateItemOutput>> {
+        match req.send().await {
+            Ok(o) => Ok(Some(o)),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(None),
+            Err(e) => Err(parse_error(e)),
+        }
+    }
+}
+
+#[async_trait]
+impl DistributedLock for DynamoDbLock {
+    async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
+        check("resource", resource)?;
+        check("owner", owner)?;
+        check_ttl(ttl)?;
+        let now = self.clock.now();
+        let expires = add_duration(now, ttl);
+        let take = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(PK, s(resource))
+            .update_expression("SET #ow = :o, #ex = :e ADD #tk :one")
+            .condition_expression(
+                "attribute_not_exists(#pk) OR attribute_not_exists(#ow) OR #ex <= :now",
+            )
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#ow", OWNER)
+            .expression_attribute_names("#ex", EXPIRES)
+            .expression_attribute_names("#tk", TOKEN)
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":e", micros(expires))
+            .expression_attribute_values(":now", micros(now))
+            .expression_attribute_values(":one", n(1))
+            .return_values(ReturnValue::AllNew);
+        if let Some(out) = self.conditional(take).await? {
+            return lease_from(resource, out.attributes()).map(Some);
+        }
+        // Held: by us (a renew with the same token) or by someone else.
+        let renew = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(PK, s(resource))
+            .update_expression("SET #ex = :e")
+            .condition_expression("#ow = :o AND #ex > :now")
+            .expression_attribute_names("#ow", OWNER)
+            .expression_attribute_names("#ex", EXPIRES)
+            .expression_attribute_values(":o", s(owner))
+            .expression_attribute_values(":e", micros(expires))
+            .expression_attribute_values(":now", micros(now))
+            .return_values(ReturnValue::AllNew);
+        match self.conditional(renew).await? {
+            Some(out) => lease_from(resource, out.attributes()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        check("resource", &lease.resource)?;
+        check("owner", &lease.owner)?;
+        check_ttl(ttl)?;
+        let expires = add_duration(self.clock.now(), ttl);
+        let req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(PK, s(&lease.resource))
+            .update_expression("SET #ex = :e")
+            .condition_expression("#ow = :o AND #tk = :t")
+            .expression_attribute_names("#ow", OWNER)
+            .expression_attribute_names("#ex", EXPIRES)
+            .expression_attribute_names("#tk", TOKEN)
+            .expression_attribute_values(":o", s(&lease.owner))
+            .expression_attribute_values(":t", n(lease.token))
+            .expression_attribute_values(":e", micros(expires))
+            .return_values(ReturnValue::AllNew);
+        match self.conditional(req).await? {
+            Some(out) => lease_from(&lease.resource, out.attributes()),
+            None => Err(lease_lost(
+                lease,
+                "is no longer held (released or taken over)",
+            )),
+        }
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        check("resource", &lease.resource)?;
+        check("owner", &lease.owner)?;
+        let req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(PK, s(&lease.resource))
+            .update_expression("SET #ex = :zero REMOVE #ow")
+            .condition_expression("#ow = :o AND #tk = :t")
+            .expression_attribute_names("#ow", OWNER)
+            .expression_attribute_names("#ex", EXPIRES)
+            .expression_attribute_names("#tk", TOKEN)
+            .expression_attribute_values(":o", s(&lease.owner))
+            .expression_attribute_values(":t", n(lease.token))
+            .expression_attribute_values(":zero", n(0));
+        match self.conditional(req).await? {
+            Some(_) => Ok(()),
+            None => Err(lease_lost(
+                lease,
+                "cannot be released: the caller is not the holder",
+            )),
+        }
+    }
+
+    async fn current(&self, resource: &str) -> Result<Option<Lease>> {
+        check("resource", resource)?;
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(PK, s(resource))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(parse_error)?;
+        let now = self.clock.now().timestamp_micros();
+        match out.item() {
+            Some(item) if get_s(item, OWNER).is_some() => {
+                let lease = lease_from(resource, Some(item))?;
+                Ok((lease.expires_at.timestamp_micros() > now).then_some(lease))
+            }
+            _ => Ok(None),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! [`PgTx`]: a database transaction spanning your SQL, outbox adds and inbox inserts.
+
+use std::fmt;
+
+use outbox_core::{
+    Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Transaction,
+    async_trait,
+};
+use sqlx::{PgConnection, Postgres};
+
+use crate::error::parse_error_with;
+use crate::ops;
+use crate::store::PgStore;
+
+/// Why a transaction can no longer be committed.
+#[derive(Debug, Clone)]
+struct Aborted {
+    kind: ErrorKind,
+    retryable: bool,
+    message: String,
+}
+
+/// An open PostgreSQL transaction (`READ COMMITTED`) on a pooled connection: your own SQL,
+/// outbox adds and inbox inserts commit together, or not at all.
+///
+/// Obtained from [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin).
+///
+/// - Run your own SQL on [`conn`](Self::conn): `sqlx::query("...").execute(tx.conn()).await`.
+/// - A failed outbox or inbox operation (a duplicate message id, a lost connection) aborts the
+///   transaction, as any failed statement does in PostgreSQL: [`commit`](Transaction::commit)
+///   then fails with that error and nothing is written.
+/// - If you used [`conn`](Self::conn), `commit` first checks that PostgreSQL did not abort the
+///   transaction because of an error in your SQL (PostgreSQL would otherwise turn the `COMMIT`
+///   into a silent rollback): it fails instead of reporting a commit that did not happen.
+/// - Dropping it without committing rolls back.
+pub struct PgTx {
+    store: PgStore,
+    tx: sqlx::Transaction<'static, Postgres>,
+    committed: Committed,
+    aborted: Option<Aborted>,
+    caller_sql: bool,
+}
+
+impl fmt::Debug for PgTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTx")
+            .field("staged_messages", &self.committed.ids.len())
+            .field("aborted", &self.aborted.as_ref().map(|a| &a.message))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgTx {
+    pub(crate) async fn begin(store: PgStore) -> Result<PgTx> {
+        let tx = store
+            .core
+            .pool
+            .begin()
+            .await
+            .map_err(|e| parse_error_with(e, "beginning a transaction"))?;
+        Ok(PgTx {
+            store,
+            tx,
+            committed: Committed::default(),
+            aborted: None,
+            caller_sql: false,
+        })
+    }
+
+    /// The transaction's connection, for your own SQL. Do not run `COMMIT`, `ROLLBACK` or
+    /// `BEGIN` on it; use [`commit`](Transaction::commit) and
+    /// [`rollback`](Transaction::rollback).
+    pub fn conn(&mut self) -> &mut PgConnection {
+        self.caller_sql = true;
+        &mut self.tx
+    }
+
+    fn check_open(&self) -> Result<()> {
+        match &self.aborted {
+            Some(a) => Err(Error::new(
+                a.kind,
+                format!(
+                    "the transaction was aborted by an earlier error and cannot be used: {}",
+                    a.message
+                ),
+            )
+            .set_retryable(a.retryable)),
+            None => Ok(()),
+        }
+    }
+
+    /// Remember a failure that reached the database (PostgreSQL aborted the transaction).
+    fn abort(&mut self, e: Error) -> Error {
+        self.aborted = Some(Aborted {
+            kind: e.kind(),
+            retryable: e.is_retryable(),
+            message: e.to_string(),
+        });
+        e
+    }
+}
+
+#[async_trait]
+impl Transaction for PgTx {
+    async fn add(&mut self, message: &Message) -> Result<()> {
+        self.add_batch(std::slice::from_ref(message)).await
+    }
+
+    async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
+        self.check_open()?;
+        // Invalid messages are rejected before anything reaches the database; the
+        // transaction stays usable.
+        for m in messages {
+            ops::check_message(&self.store.core, m)?;
+        }
+        let core = self.store.core.clone();
+        match ops::insert_messages(&mut self.tx, &core, messages).await {
+            Ok(()) => {
+                for m in messages {
+                    self.committed.record(m, core.shard_count);
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.abort(e)),
+        }
+    }
+
+    async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
+        self.check_open()?;
+        ops::check_entry(entry)?;
+        let core = self.store.core.clone();
+        let now = core.clock.now();
+        match ops::inbox_insert(&mut self.tx, &core, entry, now).await {
+            Ok(outcome) => Ok(outcome),
+            Err(e) => Err(self.abort(e)),
+        }
+    }
+
+    async fn commit(mut self) -> Result<Committed> {
+        if let Err(e) = self.check_open() {
+            let _ = self.tx.rollback().await;
+            return Err(e);
+        }
+        if self.caller_sql {
+            // In an aborted transaction every statement fails with 25P02, and COMMIT would
+            // silently roll back. Ask first.
+            if let Err(e) = sqlx::query("SELECT 1").execute(&mut *self.tx).await {
+                let e = parse_error_with(
+                    e,
+                    "the transaction cannot commit: an earlier statement failed and \
+                     PostgreSQL aborted it; nothing was written",
+                );
+                let _ = self.tx.rollback().await;
+                return Err(e);
+            }
+        }
+        self.tx.commit().await.map_err(|e| {
+            parse_error_with(
+                e,
+                "committing (if the connection was lost, the outcome is unknown: retrying \
+                 re-adds the same ids, which fails with AlreadyExists if the first commit \
+                 succeeded)",
+            )
+        })?;
+        Ok(self.committed)
+    }
+
+    async fn rollback(self) -> Result<()> {
+        match self.tx.rollback().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = parse_error_with(e, "rolling back");
+                if e.kind() == ErrorKind::Unavailable {
+                    // The connection is gone; the server rolled the transaction back.
+                    tracing::debug!(error = %e, "rollback on a lost connection");
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+}
