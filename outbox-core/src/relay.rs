@@ -453,7 +453,8 @@ impl Relay {
     pub async fn run(&self, shutdown: CancellationToken) -> Result<RunReport> {
         let before = self.stats();
         let inner = &self.inner;
-        let mut drained = true;
+        // Start with a tick: take leases and publish what is already due, then wait.
+        let mut drained = false;
         while !shutdown.is_cancelled() {
             if drained {
                 tokio::select! {
@@ -554,19 +555,25 @@ impl Inner {
             .resource
             .rsplit('/')
             .next()
-            .and_then(|s| s.parse::<u32>().ok());
-        let mut members = 0u32;
+            .and_then(|s| s.parse::<u32>().ok())
+            .unwrap_or(0);
+        // Live members, and how many of them have a lower slot than ours.
+        let (mut members, mut rank) = (0u32, 0u32);
         for slot in 0..shard_count {
-            if self
-                .lock
-                .current(&self.member_resource(slot))
-                .await?
-                .is_some()
-            {
+            let live = slot == my_slot
+                || self
+                    .lock
+                    .current(&self.member_resource(slot))
+                    .await?
+                    .is_some();
+            if live {
                 members += 1;
+                if slot < my_slot {
+                    rank += 1;
+                }
             }
         }
-        let target = shard_count.div_ceil(members.max(1)) as usize;
+        let target = fair_share(shard_count, members, rank);
 
         // 2. renew held shards
         let held = std::mem::take(&mut leases.shards);
@@ -582,7 +589,7 @@ impl Inner {
             }
         }
         // 4. take free shards up to the target, starting at this member's natural range
-        let start = my_slot.unwrap_or(0).saturating_mul(target as u32);
+        let start = rank.saturating_mul(shard_count / members);
         self.acquire_free_shards(leases, Some((target, start)))
             .await
     }
@@ -772,6 +779,14 @@ impl Inner {
     }
 }
 
+/// Shards the member of rank `rank` (0-based, by member slot) should hold when `members`
+/// relays share `shards`: `shards / members`, plus one for the first `shards % members` ranks,
+/// so the shares add up to exactly `shards` and differ by at most one.
+fn fair_share(shards: u32, members: u32, rank: u32) -> usize {
+    let members = members.max(1);
+    (shards / members + u32::from(rank < shards % members)) as usize
+}
+
 /// Split a batch (in store order) into chains published one after another: one per key with
 /// [`Ordering::PerKey`], one per message otherwise.
 fn chains(batch: Vec<StoredMessage>, ordering: Ordering) -> Vec<Chain> {
@@ -815,6 +830,22 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+
+    #[test]
+    fn fair_shares_cover_every_shard_and_differ_by_at_most_one() {
+        for shards in 1..40u32 {
+            for members in 1..12u32 {
+                let shares: Vec<usize> = (0..members)
+                    .map(|r| fair_share(shards, members, r))
+                    .collect();
+                assert_eq!(shares.iter().sum::<usize>(), shards as usize);
+                let (min, max) = (shares.iter().min(), shares.iter().max());
+                assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{shares:?}");
+            }
+        }
+        assert_eq!(fair_share(4, 3, 0), 2);
+        assert_eq!(fair_share(4, 3, 2), 1);
     }
 
     #[test]
