@@ -77,8 +77,9 @@ command -v cc >/dev/null 2>&1 || build_deps+=(gcc)
 command -v make >/dev/null 2>&1 || build_deps+=(make)
 command -v pkg-config >/dev/null 2>&1 || build_deps+=(pkg-config)
 pkg-config --exists openssl 2>/dev/null || build_deps+=(libssl-dev)
+command -v curl >/dev/null 2>&1 || build_deps+=(curl)
 if [ ${#build_deps[@]} -gt 0 ]; then apt_install "${build_deps[@]}"; fi
-log "build prerequisites: gcc, make, pkg-config, libssl-dev present"
+log "build prerequisites: gcc, make, pkg-config, libssl-dev, curl present"
 
 ensure_postgres() {
   if pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then

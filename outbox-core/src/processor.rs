@@ -117,6 +117,9 @@ impl<S: TransactionalStore, H> fmt::Debug for InboxProcessor<S, H> {
     }
 }
 
+const RECEIVE_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(100);
+const RECEIVE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Default number of deliveries before a failing message is dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
@@ -229,20 +232,39 @@ where
     /// Receive and process deliveries until `shutdown` is cancelled or the consumer closes.
     /// A delivery being processed when shutdown is requested is finished first.
     ///
+    /// Retryable `receive` errors (broker unavailable) are logged and retried with a backoff
+    /// from 100 ms to 30 s; processing errors are logged and the delivery is left to
+    /// redelivery.
+    ///
     /// # Errors
-    /// The first transport error from `receive`; processing errors are logged and the
-    /// delivery is left to redelivery.
+    /// The first permanent `receive` error (for example an authorization failure).
     pub async fn run(
         &self,
         consumer: &dyn Consumer,
         shutdown: CancellationToken,
     ) -> Result<ProcessorStats> {
+        let mut backoff = RECEIVE_BACKOFF_MIN;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                d = consumer.receive() => d?,
+                d = consumer.receive() => d,
             };
-            let Some(delivery) = next else { break };
+            let delivery = match next {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                // Broker away for a while: wait and try again rather than stop consuming.
+                Err(e) if e.is_retryable() => {
+                    tracing::warn!(error = %e, ?backoff, "receive failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECEIVE_BACKOFF_MAX);
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            backoff = RECEIVE_BACKOFF_MIN;
             if let Err(e) = self.process(consumer, &delivery).await {
                 tracing::warn!(message_id = %delivery.message.id, error = %e,
                     "delivery not processed; it will be redelivered");

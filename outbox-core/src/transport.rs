@@ -49,8 +49,10 @@ pub trait Consumer: Send + Sync + std::fmt::Debug {
     ///
     /// # Behavior
     /// `Ok(None)` once the consumer is closed and drained. A message that is neither acked nor
-    /// dead-lettered is delivered again (after a nack, a restart or a rebalance), with a
-    /// greater `attempt`.
+    /// dead-lettered is delivered again (after a nack, a restart or a rebalance). After a nack
+    /// its `attempt` is greater; after a restart or rebalance it is greater where the broker
+    /// counts deliveries (RabbitMQ quorum queues), and may start again at 1 where it does not
+    /// (Kafka): each transport documents which.
     async fn receive(&self) -> Result<Option<Delivery>>;
 
     /// Confirm the delivery was handled; it is not delivered again.

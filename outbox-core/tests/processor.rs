@@ -173,3 +173,70 @@ async fn messages_added_by_the_handler_commit_with_the_inbox_entry() {
     assert_eq!(calls[&sent[0].id], 2);
     assert_eq!(calls[&sent[1].id], 1);
 }
+
+/// The in-memory consumer, failing its first `receive` calls with a chosen error.
+#[derive(Debug)]
+struct FlakyConsumer {
+    inner: outbox_core::memory::MemoryConsumer,
+    failures: Mutex<Vec<outbox_core::Error>>,
+}
+
+#[async_trait]
+impl Consumer for FlakyConsumer {
+    async fn receive(&self) -> outbox_core::Result<Option<outbox_core::Delivery>> {
+        if let Some(e) = self.failures.lock().unwrap().pop() {
+            return Err(e);
+        }
+        self.inner.receive().await
+    }
+    async fn ack(&self, d: &outbox_core::Delivery) -> outbox_core::Result<()> {
+        self.inner.ack(d).await
+    }
+    async fn nack(&self, d: &outbox_core::Delivery) -> outbox_core::Result<()> {
+        self.inner.nack(d).await
+    }
+    async fn dead_letter(&self, d: &outbox_core::Delivery, r: &str) -> outbox_core::Result<()> {
+        self.inner.dead_letter(d, r).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_rides_out_retryable_receive_errors_and_stops_on_permanent_ones() {
+    let store = MemoryStore::new();
+    let broker = MemoryBroker::new();
+    let consumer = FlakyConsumer {
+        inner: broker.subscribe(consumer_name(), &[TOPIC]),
+        failures: Mutex::new(vec![
+            outbox_core::Error::unavailable("broker restarting"),
+            outbox_core::Error::unavailable("broker restarting"),
+        ]),
+    };
+    publish(&broker, 5).await;
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", Billing::default());
+    let shutdown = outbox_core::CancellationToken::new();
+    let (stats, ()) = tokio::join!(p.run(&consumer, shutdown.clone()), async {
+        while p.stats().handled < 5 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        shutdown.cancel();
+    });
+    assert_eq!(
+        stats.unwrap().handled,
+        5,
+        "kept consuming after two retryable errors"
+    );
+
+    consumer
+        .failures
+        .lock()
+        .unwrap()
+        .push(outbox_core::Error::new(
+            outbox_core::ErrorKind::InvalidInput,
+            "not authorized",
+        ));
+    let err = p
+        .run(&consumer, outbox_core::CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not authorized"), "{err}");
+}
