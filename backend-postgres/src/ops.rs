@@ -43,21 +43,7 @@ pub(crate) fn check_message(core: &Core, message: &Message) -> Result<()> {
             no_nul(message, field, v)?;
         }
     }
-    let size = message.encoded_size();
-    if size > core.max_message_size {
-        return Err(Error::new(
-            ErrorKind::PayloadTooLarge {
-                size,
-                limit: core.max_message_size,
-            },
-            format!(
-                "message {} is {size} bytes (encoded), over the limit of {} bytes; nothing was \
-                 written",
-                message.id, core.max_message_size
-            ),
-        ));
-    }
-    Ok(())
+    message.check_size(core.max_message_size)
 }
 
 /// Insert `messages` as pending, in order, with one statement on `conn`: per-key advisory

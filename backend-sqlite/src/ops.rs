@@ -19,21 +19,7 @@ pub(crate) fn check_message(core: &Core, message: &Message) -> Result<()> {
     message
         .validate()
         .map_err(|e| Error::new(e.kind(), format!("message {}: {}", message.id, e.message())))?;
-    let size = message.encoded_size();
-    if size > core.max_message_size {
-        return Err(Error::new(
-            ErrorKind::PayloadTooLarge {
-                size,
-                limit: core.max_message_size,
-            },
-            format!(
-                "message {} is {size} bytes (encoded), over the limit of {} bytes; nothing was \
-                 written",
-                message.id, core.max_message_size
-            ),
-        ));
-    }
-    Ok(())
+    message.check_size(core.max_message_size)
 }
 
 /// Insert one message as pending. The caller's transaction decides atomicity.

@@ -201,6 +201,25 @@ impl Message {
             + 16
     }
 
+    /// Check `encoded_size()` against a backend's `limit`.
+    ///
+    /// # Errors
+    /// `PayloadTooLarge { size, limit }` naming the message when it is over the limit.
+    pub fn check_size(&self, limit: usize) -> Result<()> {
+        let size = self.encoded_size();
+        if size > limit {
+            return Err(Error::new(
+                crate::ErrorKind::PayloadTooLarge { size, limit },
+                format!(
+                    "message {} is {size} bytes (encoded), over the limit of {limit} bytes; \
+                     nothing was written",
+                    self.id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Check the invariants every store relies on. Builders call it; stores call it again on
     /// add, because fields are public.
     pub fn validate(&self) -> Result<()> {

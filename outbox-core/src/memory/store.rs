@@ -298,13 +298,10 @@ impl MemoryStore {
     /// Field and size checks shared by every add path.
     fn check_message(&self, message: &Message) -> Result<()> {
         message.validate()?;
-        if let Some(limit) = self.inner.max_message_size {
-            let size = message.encoded_size();
-            if size > limit {
-                return Err(Error::payload_too_large(size, limit));
-            }
+        match self.inner.max_message_size {
+            Some(limit) => message.check_size(limit),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
