@@ -119,8 +119,27 @@ ensure_rabbitmq() {
   export_env OUTBOX_TEST_RABBITMQ_URL "amqp://guest:guest@127.0.0.1:5672/%2f"
 }
 
+# moto leaks memory over long use (several GB). A moto this script started (its pid file) and
+# that has grown past the limit is restarted here, before any test uses it.
+MOTO_MAX_RSS_KB=${OUTBOX_MOTO_MAX_RSS_KB:-1500000}
+restart_bloated_moto() {
+  local pid rss
+  pid=$(cat "$BASE/moto.pid" 2>/dev/null) || return 0
+  [ -n "$pid" ] && grep -qs moto_server "/proc/$pid/cmdline" || return 0
+  rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
+  [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ] || return 0
+  log "dynamodb: our moto (pid $pid) uses ${rss} kB; restarting it"
+  kill "$pid" 2>/dev/null || true
+  local end=$((SECONDS + 10))
+  while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.3; done
+  kill -9 "$pid" 2>/dev/null || true # a large heap can take long to shut down
+  wait_for 20 "moto to stop" bash -c "! kill -0 $pid 2>/dev/null"
+  rm -f "$BASE/moto.pid"
+}
+
 ensure_dynamodb() {
   local url="http://127.0.0.1:$DYNAMODB_PORT"
+  restart_bloated_moto
   if curl -sf -o /dev/null "$url/moto-api/"; then
     log "dynamodb: moto already running on $url"
   else
