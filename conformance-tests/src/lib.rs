@@ -198,6 +198,7 @@ macro_rules! __transport_cases {
             transport_unacked_redelivered_after_restart => $crate::transport::unacked_redelivered_after_restart,
             transport_dead_letter_after_n_failures => $crate::transport::dead_letter_after_n_failures,
             transport_inbox_suppresses_duplicate => $crate::transport::inbox_suppresses_duplicate,
+            transport_end_to_end_exactly_once => $crate::transport::end_to_end_exactly_once,
         }
     };
 }

@@ -47,6 +47,13 @@ pub trait TransportHarness: Send + Sync {
     fn max_message_size(&self) -> Option<usize> {
         None
     }
+
+    /// Whether per-key order holds across several consumers of the destination (Kafka:
+    /// each partition has one consumer; a queue shared by competing consumers: no). The
+    /// end-to-end case checks per-key order only when `true`.
+    fn per_key_order_across_consumers(&self) -> bool {
+        false
+    }
 }
 
 use std::collections::HashMap;
@@ -311,11 +318,13 @@ pub async fn unacked_redelivered_after_restart(h: &dyn TransportHarness) {
     c.ack(&d).await.expect("ack");
 }
 
-/// Records one effect per handled message; clones share the counts.
+/// Records one effect per handled message, and per key the payloads in handling order;
+/// clones share the records.
 #[derive(Clone, Default)]
 struct CountingHandler {
     fail: bool,
     effects: Arc<Mutex<HashMap<MessageId, u32>>>,
+    by_key: Arc<Mutex<HashMap<String, Vec<bytes::Bytes>>>>,
 }
 
 #[async_trait]
@@ -325,6 +334,14 @@ impl MessageHandler<MemoryTx> for CountingHandler {
             return Err(HandlerError::new("handler refused (test)"));
         }
         tx.put_record(format!("effect/{}", message.id), "done");
+        if let Some(key) = &message.key {
+            self.by_key
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.clone())
+                .or_default()
+                .push(message.payload.clone());
+        }
         *self
             .effects
             .lock()
@@ -408,5 +425,110 @@ pub async fn inbox_suppresses_duplicate(h: &dyn TransportHarness) {
     assert_eq!(store.record_count(), 1, "one effect");
     if let Some(d) = receive_nothing_within(c.as_ref(), Duration::from_secs(2)).await {
         panic!("acked delivery came again: {:?}", d.message.id);
+    }
+}
+
+/// Transports end to end: 1,000 messages committed in an outbox (in-memory store), published
+/// by a [`Relay`](outbox_core::Relay) through this transport, consumed by two competing
+/// consumers behind an [`InboxProcessor`]: every message handled, each with exactly one
+/// effect, nothing left pending; per-key order too where
+/// [`TransportHarness::per_key_order_across_consumers`] says the transport keeps it.
+pub async fn end_to_end_exactly_once(h: &dyn TransportHarness) {
+    use outbox_core::Transaction as _;
+    use outbox_core::memory::MemoryLock;
+    use outbox_core::{CancellationToken, OutboxStore, Relay, RelayConfig, TransactionalStore};
+
+    const TOTAL: usize = 1000;
+    const KEYS: usize = 40;
+    let outbox = MemoryStore::new();
+    let mut sent = std::collections::HashSet::new();
+    for chunk in 0..TOTAL / 100 {
+        let mut tx = outbox.begin().await.expect("begin");
+        for i in 0..100 {
+            let n = chunk * 100 + i;
+            // Payload: the message's position within its key, zero-padded to sort.
+            let m = message(
+                h,
+                Some(&format!("key-{}", n % KEYS)),
+                &format!("{:06}", n / KEYS),
+            );
+            sent.insert(m.id);
+            tx.add(&m).await.expect("add");
+        }
+        tx.commit().await.expect("commit");
+    }
+    let started = std::time::Instant::now();
+    let shutdown = CancellationToken::new();
+    let relay = Relay::new(
+        Arc::new(outbox.clone()),
+        Arc::new(MemoryLock::default()),
+        h.producer(),
+        RelayConfig::default(),
+    )
+    .expect("relay");
+    let relay_task = relay.spawn(shutdown.clone());
+
+    let inbox = Arc::new(MemoryStore::new());
+    let handler = CountingHandler::default();
+    let processor = Arc::new(InboxProcessor::new(inbox.clone(), "e2e", handler.clone()));
+    let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
+    for _ in 0..2 {
+        consumers.push(Arc::from(h.consumer().await.expect("consumer")));
+    }
+    let tasks: Vec<_> = consumers
+        .into_iter()
+        .map(|c| {
+            let (processor, shutdown) = (processor.clone(), shutdown.clone());
+            tokio::spawn(async move { processor.run(c.as_ref(), shutdown).await })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while processor.stats().handled < TOTAL as u64 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    relay_task.await.expect("join relay").expect("relay run");
+    for t in tasks {
+        t.await.expect("join consumer").expect("consumer run");
+    }
+
+    let stats = processor.stats();
+    eprintln!("end to end: {TOTAL} messages handled in {elapsed:?}; {stats:?}");
+    assert_eq!(
+        stats.handled, TOTAL as u64,
+        "every message handled: {stats:?}"
+    );
+    assert_eq!(
+        outbox.stats().await.expect("stats").pending,
+        0,
+        "nothing left pending"
+    );
+    let effects = handler.effects.lock().unwrap_or_else(|p| p.into_inner());
+    assert_eq!(
+        effects
+            .keys()
+            .copied()
+            .collect::<std::collections::HashSet<_>>(),
+        sent,
+        "every sent message has an effect"
+    );
+    assert!(
+        effects.values().all(|n| *n == 1),
+        "each handled exactly once"
+    );
+    assert_eq!(
+        inbox.record_count(),
+        TOTAL,
+        "one committed effect per message"
+    );
+    if h.per_key_order_across_consumers() {
+        let by_key = handler.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        assert_eq!(by_key.len(), KEYS);
+        for (key, seen) in by_key.iter() {
+            let mut sorted = seen.clone();
+            sorted.sort();
+            assert_eq!(seen, &sorted, "per-key order of {key}");
+        }
     }
 }

@@ -10,11 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{KafkaHarness, MAX_BYTES, brokers_or_skip, read_partition, unique};
-use outbox_core::memory::{MemoryLock, MemoryStore, MemoryTx};
 use outbox_core::{
-    CancellationToken, Consumer, Delivery, ErrorKind, HandlerError, InboxProcessor, Message,
-    MessageHandler, MessageType, OutboxStore, Producer, Relay, RelayConfig, SystemClock,
-    Transaction, TransactionalStore, Utc, async_trait,
+    CancellationToken, Consumer, Delivery, ErrorKind, Message, MessageType, Producer, Utc,
 };
 use outbox_kafka::rdkafka::Message as _;
 use outbox_kafka::rdkafka::message::{Headers as _, OwnedHeaders};
@@ -363,117 +360,6 @@ async fn errors_are_classified() {
     assert!(e.to_string().contains("enable.auto.commit"), "{e}");
     let e = KafkaConsumer::new(&base, ConsumerOptions::new("", ["t"])).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
-}
-
-/// Records each handled message's sequence number per key, and one effect row in the
-/// transaction.
-#[derive(Clone, Default)]
-struct OrderHandler {
-    seen: Arc<Mutex<HashMap<String, Vec<usize>>>>,
-}
-
-#[async_trait]
-impl MessageHandler<MemoryTx> for OrderHandler {
-    async fn handle(&self, message: &Message, tx: &mut MemoryTx) -> Result<(), HandlerError> {
-        let seq: usize = std::str::from_utf8(&message.payload)
-            .map_err(|e| HandlerError::new(e.to_string()))?
-            .parse()
-            .map_err(|e: std::num::ParseIntError| HandlerError::new(e.to_string()))?;
-        tx.put_record(format!("effect/{}", message.id), "done");
-        self.seen
-            .lock()
-            .unwrap()
-            .entry(message.key.clone().unwrap_or_default())
-            .or_default()
-            .push(seq);
-        Ok(())
-    }
-}
-
-/// In-memory outbox -> Relay -> broker -> two competing KafkaConsumers -> InboxProcessor
-/// with an in-memory inbox: 1,000 messages over 40 keys, each handled exactly once, per-key
-/// order kept (also across the rebalance when the second consumer joins).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn end_to_end_outbox_relay_kafka_inbox() {
-    let h = harness!("end_to_end_outbox_relay_kafka_inbox", 4);
-    const TOTAL: usize = 1000;
-    const KEYS: usize = 40;
-
-    let outbox = MemoryStore::new();
-    let mut next_seq = vec![0usize; KEYS];
-    for chunk in 0..TOTAL / 100 {
-        let mut tx = outbox.begin().await.unwrap();
-        for i in 0..100 {
-            let k = (chunk * 100 + i) % KEYS;
-            tx.add(&msg(
-                &h.topic,
-                &format!("key-{k}"),
-                &next_seq[k].to_string(),
-            ))
-            .await
-            .unwrap();
-            next_seq[k] += 1;
-        }
-        tx.commit().await.unwrap();
-    }
-    let started = Instant::now();
-    let shutdown = CancellationToken::new();
-    let relay = Relay::new(
-        Arc::new(outbox.clone()),
-        Arc::new(MemoryLock::new(Arc::new(SystemClock))),
-        h.producer.clone(),
-        RelayConfig::default(),
-    )
-    .unwrap();
-    let relay_task = relay.spawn(shutdown.clone());
-
-    let inbox = Arc::new(MemoryStore::new());
-    let handler = OrderHandler::default();
-    let processor = Arc::new(InboxProcessor::new(inbox.clone(), "e2e", handler.clone()));
-    let mut consumers = Vec::new();
-    for _ in 0..2 {
-        let consumer = Arc::new(h.kafka_consumer().unwrap());
-        let processor = processor.clone();
-        let shutdown = shutdown.clone();
-        consumers.push(tokio::spawn(async move {
-            processor.run(consumer.as_ref(), shutdown).await
-        }));
-    }
-
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while processor.stats().handled < TOTAL as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let elapsed = started.elapsed();
-    shutdown.cancel();
-    relay_task.await.unwrap().unwrap();
-    for c in consumers {
-        c.await.unwrap().unwrap();
-    }
-
-    let stats = processor.stats();
-    eprintln!("end-to-end: {TOTAL} messages handled in {elapsed:?}; {stats:?}");
-    assert_eq!(
-        stats.handled, TOTAL as u64,
-        "every message handled: {stats:?}"
-    );
-    assert_eq!(
-        inbox.record_count(),
-        TOTAL,
-        "exactly one effect per message"
-    );
-    assert_eq!(outbox.stats().await.unwrap().pending, 0);
-    let seen = handler.seen.lock().unwrap();
-    assert_eq!(seen.len(), KEYS);
-    for (k, seqs) in seen.iter() {
-        let n = seqs.len();
-        assert_eq!(
-            *seqs,
-            (0..n).collect::<Vec<_>>(),
-            "order and exactly-once of {k}"
-        );
-    }
-    assert_eq!(seen.values().map(Vec::len).sum::<usize>(), TOTAL);
 }
 
 /// A second member joins while the first holds one unacked delivery per partition (and has

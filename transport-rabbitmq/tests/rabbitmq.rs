@@ -12,11 +12,10 @@ use common::{Isolated, kill_connections, unique, url_or_skip};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use outbox_core::memory::{MemoryLock, MemoryStore, MemoryTx};
+use outbox_core::memory::{MemoryStore, MemoryTx};
 use outbox_core::{
     CancellationToken, Consumer, Delivery, ErrorKind, HandlerError, InboxProcessor, Message,
-    MessageHandler, MessageId, MessageType, OutboxStore, Producer, Relay, RelayConfig, SystemClock,
-    Transaction, TransactionalStore, Utc, async_trait,
+    MessageHandler, MessageId, MessageType, Producer, Utc, async_trait,
 };
 use outbox_rabbitmq::{
     AmqpUrl, ConnectionConfig, ProducerConfig, RabbitMqProducer, fetch_dead_letters,
@@ -464,78 +463,6 @@ async fn reconnect_after_connections_are_force_closed() {
     }
     assert!(ids.contains(&after.id) && ids.contains(&before.id));
     assert!(redelivered.unwrap() >= 2, "attempt {redelivered:?}");
-}
-
-/// In-memory outbox -> Relay -> RabbitMQ -> two competing RabbitMqConsumers ->
-/// InboxProcessor with an in-memory inbox: 1,000 messages, all delivered, each handled
-/// exactly once (counted handler effects).
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn end_to_end_outbox_relay_rabbitmq_inbox() {
-    let iso = isolated!("e2e");
-    const TOTAL: usize = 1000;
-    let outbox = MemoryStore::new();
-    let mut sent = HashSet::new();
-    for chunk in 0..TOTAL / 100 {
-        let mut tx = outbox.begin().await.unwrap();
-        for i in 0..100 {
-            let m = msg(iso.topic(), &format!("key-{}", (chunk * 100 + i) % 40), "x");
-            sent.insert(m.id);
-            tx.add(&m).await.unwrap();
-        }
-        tx.commit().await.unwrap();
-    }
-    let started = Instant::now();
-    let shutdown = CancellationToken::new();
-    let producer: Arc<dyn Producer> = Arc::new(iso.producer());
-    let relay = Relay::new(
-        Arc::new(outbox.clone()),
-        Arc::new(MemoryLock::new(Arc::new(SystemClock))),
-        producer,
-        RelayConfig::default(),
-    )
-    .unwrap();
-    let relay_task = relay.spawn(shutdown.clone());
-
-    let inbox = Arc::new(MemoryStore::new());
-    let handler = Handler::default();
-    let processor = Arc::new(InboxProcessor::new(inbox.clone(), "e2e", handler.clone()));
-    let mut consumers = Vec::new();
-    for _ in 0..2 {
-        let consumer = Arc::new(iso.consumer().await.unwrap());
-        let (processor, shutdown) = (processor.clone(), shutdown.clone());
-        consumers.push(tokio::spawn(async move {
-            processor.run(consumer.as_ref(), shutdown).await
-        }));
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while processor.stats().handled < TOTAL as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
-    shutdown.cancel();
-    relay_task.await.unwrap().unwrap();
-    for c in consumers {
-        c.await.unwrap().unwrap();
-    }
-    let stats = processor.stats();
-    eprintln!("end-to-end: {TOTAL} messages handled in {elapsed:?}; {stats:?}");
-    assert_eq!(stats.handled, TOTAL as u64, "{stats:?}");
-    assert_eq!(outbox.stats().await.unwrap().pending, 0);
-    let effects = handler.effects.lock().unwrap();
-    assert_eq!(
-        effects.keys().copied().collect::<HashSet<_>>(),
-        sent,
-        "all delivered"
-    );
-    assert!(
-        effects.values().all(|n| *n == 1),
-        "each handled exactly once"
-    );
-    assert_eq!(
-        inbox.record_count(),
-        TOTAL,
-        "one committed effect per message"
-    );
 }
 
 /// A body over the broker's own `max_message_size` (128 MiB by default), with the client-side

@@ -185,6 +185,10 @@ impl TransportHarness for KafkaHarness {
         Some(format!("{}_missing", self.topic))
     }
 
+    fn per_key_order_across_consumers(&self) -> bool {
+        true // one consumer per partition; a key always maps to one partition
+    }
+
     fn max_message_size(&self) -> Option<usize> {
         Some(MAX_BYTES)
     }
