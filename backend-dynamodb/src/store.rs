@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemOutput;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, DeleteRequest, KeysAndAttributes, Put, ReturnConsumedCapacity, Select, Update,
-    WriteRequest,
+    AttributeValue, ConsumedCapacity, DeleteRequest, KeysAndAttributes, Put,
+    ReturnConsumedCapacity, Select, Update, WriteRequest,
 };
 use futures::{StreamExt, TryStreamExt};
 use outbox_core::{
@@ -114,6 +117,46 @@ fn id_key(id: &MessageId) -> HashMap<String, AttributeValue> {
 
 fn is_ccf<E: ProvideErrorMetadata, R>(e: &aws_sdk_dynamodb::error::SdkError<E, R>) -> bool {
     e.code() == Some("ConditionalCheckFailedException")
+}
+
+/// Outputs of single-item writes that report consumed capacity.
+trait WriteOutput {
+    fn consumed(&self) -> Option<&ConsumedCapacity>;
+}
+
+impl WriteOutput for PutItemOutput {
+    fn consumed(&self) -> Option<&ConsumedCapacity> {
+        self.consumed_capacity()
+    }
+}
+
+impl WriteOutput for UpdateItemOutput {
+    fn consumed(&self) -> Option<&ConsumedCapacity> {
+        self.consumed_capacity()
+    }
+}
+
+/// The result of a conditional single-item write: `Ok(true)` when it applied, `Ok(false)`
+/// when its condition failed (the request is metered either way), other errors parsed.
+fn conditional<O: WriteOutput, E>(
+    meter: &CostMeter,
+    op: &'static str,
+    out: std::result::Result<O, SdkError<E, HttpResponse>>,
+) -> Result<bool>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match out {
+        Ok(o) => {
+            meter.record_one(op, true, o.consumed());
+            Ok(true)
+        }
+        Err(e) if is_ccf(&e) => {
+            meter.record_one(op, true, None);
+            Ok(false)
+        }
+        Err(e) => Err(parse_error(e)),
+    }
 }
 
 fn wall_micros() -> u64 {
@@ -453,21 +496,13 @@ impl DynamoDbStore {
             .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
             .send()
             .await;
-        match out {
-            Ok(o) => {
-                self.inner
-                    .meter
-                    .record_one("add", true, o.consumed_capacity());
-                Ok(())
-            }
-            Err(e) if is_ccf(&e) => {
-                self.inner.meter.record_one("add", true, None);
-                Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("message {} is already stored", m.id),
-                ))
-            }
-            Err(e) => Err(parse_error(e)),
+        if conditional(&self.inner.meter, "add", out)? {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("message {} is already stored", m.id),
+            ))
         }
     }
 
@@ -670,19 +705,7 @@ impl DynamoDbStore {
             .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
             .send()
             .await;
-        match out {
-            Ok(o) => {
-                self.inner
-                    .meter
-                    .record_one("requeue", true, o.consumed_capacity());
-                Ok(true)
-            }
-            Err(e) if is_ccf(&e) => {
-                self.inner.meter.record_one("requeue", true, None);
-                Ok(false)
-            }
-            Err(e) => Err(parse_error(e)),
-        }
+        conditional(&self.inner.meter, "requeue", out)
     }
 
     /// BatchWriteItem deletes of outbox items, 25 per request, retrying unprocessed items.
@@ -941,20 +964,8 @@ impl OutboxStore for DynamoDbStore {
                     .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
                     .send()
                     .await;
-                match out {
-                    Ok(o) => {
-                        self.inner
-                            .meter
-                            .record_one("mark_dispatched", true, o.consumed_capacity());
-                        Ok(())
-                    }
-                    // Unknown or already dispatched: idempotent.
-                    Err(e) if is_ccf(&e) => {
-                        self.inner.meter.record_one("mark_dispatched", true, None);
-                        Ok(())
-                    }
-                    Err(e) => Err(parse_error(e)),
-                }
+                // A failed condition means unknown or already dispatched: idempotent.
+                conditional(&self.inner.meter, "mark_dispatched", out).map(|_| ())
             })
             .buffer_unordered(PARALLEL * 2)
             .try_collect::<Vec<()>>()
@@ -1214,19 +1225,11 @@ impl InboxStore for DynamoDbStore {
             .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
             .send()
             .await;
-        match out {
-            Ok(o) => {
-                self.inner
-                    .meter
-                    .record_one("inbox_insert", true, o.consumed_capacity());
-                Ok(InsertOutcome::Inserted)
-            }
-            Err(e) if is_ccf(&e) => {
-                self.inner.meter.record_one("inbox_insert", true, None);
-                Ok(InsertOutcome::Duplicate)
-            }
-            Err(e) => Err(parse_error(e)),
-        }
+        Ok(if conditional(&self.inner.meter, "inbox_insert", out)? {
+            InsertOutcome::Inserted
+        } else {
+            InsertOutcome::Duplicate
+        })
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
