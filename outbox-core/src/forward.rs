@@ -86,6 +86,10 @@ macro_rules! forward {
             async fn send_batch(&self, messages: &[Message]) -> Vec<Result<()>> {
                 (**self).send_batch(messages).await
             }
+            async fn send_ordered(&self, messages: &[Message]) -> Vec<Result<()>> {
+                (**self).send_ordered(messages).await
+            }
+            fn delivery_timeout(&self) -> Option<Duration> { (**self).delivery_timeout() }
         }
 
         #[async_trait]

@@ -11,6 +11,7 @@ mod transport;
 mod tx;
 
 pub mod memory;
+pub mod metrics;
 pub mod processor;
 pub mod relay;
 

@@ -1,5 +1,7 @@
 //! The producer and consumer contract that broker transports implement.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use crate::error::Result;
@@ -28,6 +30,48 @@ pub trait Producer: Send + Sync + std::fmt::Debug {
     /// messages one after another.
     async fn send_batch(&self, messages: &[Message]) -> Vec<Result<()>> {
         futures::future::join_all(messages.iter().map(|m| self.send(m))).await
+    }
+
+    /// Publish the messages of one key in the given order, keeping several in flight where the
+    /// transport preserves their order (one Kafka partition with the idempotent producer; one
+    /// AMQP channel); stop at the first failure.
+    ///
+    /// # Behavior
+    /// - Returns one result per message *attempted*, in order: every result but the last is
+    ///   `Ok`; if the last is `Err`, the messages after it were not confirmed and the caller
+    ///   must treat them as not sent (they are published again later, after the failed one).
+    ///   `results.len() < messages.len()` only after an `Err`.
+    /// - Each `Ok` means the same as [`send`](Self::send): durably confirmed.
+    /// - The broker receives the confirmed prefix in slice order. Messages after a failure
+    ///   that were already handed to the broker may still arrive there; each transport
+    ///   documents when that can happen.
+    /// - An empty slice returns an empty vector.
+    ///
+    /// The default sends one message at a time (stop-and-wait), which keeps order on any
+    /// transport.
+    async fn send_ordered(&self, messages: &[Message]) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            let r = self.send(m).await;
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
+    /// The longest an unconfirmed send can stay pending inside the transport before it is
+    /// abandoned for good, after which it can no longer reach the broker (Kafka:
+    /// `message.timeout.ms`; RabbitMQ: the confirm timeout, after which the channel is closed).
+    ///
+    /// # Behavior
+    /// `None` when the transport does not bound it. The relay refuses a producer whose bound
+    /// exceeds its `publish_timeout`, so that no send abandoned by the relay can land after
+    /// the relay's shard lease expired.
+    fn delivery_timeout(&self) -> Option<Duration> {
+        None
     }
 }
 
