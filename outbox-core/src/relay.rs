@@ -258,6 +258,19 @@ impl RelayHandle {
         self.wake.notify.notify_one();
     }
 
+    /// Wake the relay to publish the new messages of these shards now (for a wake-up signal
+    /// that names shards, such as a DynamoDB stream record). Never blocks.
+    pub fn notify_shards(&self, shards: impl IntoIterator<Item = u32>) {
+        let mut woken = self.wake.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let before = woken.len();
+        woken.extend(shards);
+        let any = woken.len() > before;
+        drop(woken);
+        if any {
+            self.wake.notify.notify_one();
+        }
+    }
+
     /// Wake the relay to sweep every shard it holds now.
     pub fn wake(&self) {
         self.wake.notify.notify_one();
@@ -382,10 +395,21 @@ impl Relay {
     /// # Errors
     /// Store or lock errors (publish failures are recorded on the messages, not returned).
     pub async fn run_once(&self) -> Result<RunReport> {
+        let all: Vec<u32> = (0..self.inner.store.shard_count()).collect();
+        self.run_once_for(&all).await
+    }
+
+    /// Like [`run_once`](Self::run_once), for the given shards only (those that are free);
+    /// shards outside `0..shard_count` are ignored. For a wake-up that names shards, such as
+    /// a DynamoDB Streams event handed to a function.
+    ///
+    /// # Errors
+    /// Store or lock errors (publish failures are recorded on the messages, not returned).
+    pub async fn run_once_for(&self, shards: &[u32]) -> Result<RunReport> {
         let before = self.stats();
         let mut leases = self.inner.leases.lock().await;
         let result = async {
-            self.inner.acquire_free_shards(&mut leases, None).await?;
+            self.inner.acquire_shards(&mut leases, shards).await?;
             let shards: Vec<u32> = leases.shards.keys().copied().collect();
             let deadline = self.inner.publish_deadline(&leases);
             self.inner.pass(&shards, deadline).await
@@ -608,6 +632,33 @@ impl Inner {
                 break;
             }
             let shard = (start + i) % shard_count;
+            if leases.shards.contains_key(&shard) {
+                continue;
+            }
+            if let Some(l) = self
+                .lock
+                .acquire(
+                    &self.shard_resource(shard),
+                    &self.config.instance_id,
+                    self.config.lease_ttl,
+                )
+                .await?
+            {
+                leases.shards.insert(shard, l);
+            }
+        }
+        Ok(())
+    }
+
+    /// Acquire the free ones of `shards` (unknown shard numbers are ignored).
+    async fn acquire_shards(&self, leases: &mut Leases, shards: &[u32]) -> Result<()> {
+        let shard_count = self.store.shard_count();
+        let wanted: BTreeSet<u32> = shards
+            .iter()
+            .copied()
+            .filter(|s| *s < shard_count)
+            .collect();
+        for shard in wanted {
             if leases.shards.contains_key(&shard) {
                 continue;
             }
