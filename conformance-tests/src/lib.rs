@@ -173,6 +173,7 @@ macro_rules! __relay_cases {
             relay_duplicate_instance_id_refused => $crate::relay::duplicate_instance_id_refused,
             relay_shutdown_finishes_batch_in_flight => $crate::relay::shutdown_finishes_batch_in_flight,
             relay_racing_relays_never_overlap => $crate::relay::racing_relays_never_overlap,
+            relay_stale_fetch_publishes_once => $crate::relay::stale_fetch_publishes_once,
         }
     };
 }

@@ -897,3 +897,103 @@ impl outbox_core::DistributedLock for FlakyLock {
         self.inner.current(resource).await
     }
 }
+
+/// Relay 1 and 10 with overlapping fetches: the store answers every fetch 20 ms late, so a
+/// fetch often returns messages as pending that a chain finished (published and marked)
+/// meanwhile; the relay still publishes each message exactly once, in per-key order.
+pub async fn stale_fetch_publishes_once<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    producer.set_delay(Duration::from_millis(1));
+    let added = add_messages(f.outbox.as_ref(), 200, 50).await;
+    let slow = Arc::new(SlowReads {
+        inner: f.outbox.clone(),
+        delay: Duration::from_millis(20),
+    });
+    let r = Relay::with_clock(
+        slow,
+        f.lock.clone(),
+        producer.clone(),
+        RelayConfig {
+            batch_size: 10,
+            ..config("r")
+        },
+        Arc::new(f.clock.clone()),
+    )
+    .expect("valid relay config");
+    let shutdown = CancellationToken::new();
+    let running = r.spawn(shutdown.clone());
+    wait_until("all published", || broker.published_count() >= added.len()).await;
+    // Give a late duplicate the time to show.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shutdown.cancel();
+    running.await.expect("join").expect("run");
+    let ids = published_ids(&broker);
+    let distinct: HashSet<MessageId> = ids.iter().copied().collect();
+    assert_eq!(distinct.len(), added.len(), "every message published");
+    assert_eq!(ids.len(), added.len(), "a stale fetch was published again");
+    assert_eq!(
+        order_by_key(&broker.published(TOPIC)),
+        order_by_key(&added),
+        "per-key order"
+    );
+}
+
+/// A store whose `fetch_pending` answers `delay` after reading (a slow network or replica).
+#[derive(Debug)]
+struct SlowReads {
+    inner: Arc<dyn OutboxStore>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl OutboxStore for SlowReads {
+    fn capabilities(&self) -> outbox_core::Capabilities {
+        self.inner.capabilities()
+    }
+    fn shard_count(&self) -> u32 {
+        self.inner.shard_count()
+    }
+    async fn add(&self, message: &Message) -> Result<()> {
+        self.inner.add(message).await
+    }
+    async fn add_batch(&self, messages: &[Message]) -> Result<()> {
+        self.inner.add_batch(messages).await
+    }
+    async fn get(&self, id: MessageId) -> Result<Option<outbox_core::StoredMessage>> {
+        self.inner.get(id).await
+    }
+    async fn fetch_pending(
+        &self,
+        query: &outbox_core::PendingQuery,
+    ) -> Result<Vec<outbox_core::StoredMessage>> {
+        let read = self.inner.fetch_pending(query).await;
+        tokio::time::sleep(self.delay).await;
+        read
+    }
+    async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
+        self.inner.mark_dispatched(ids).await
+    }
+    async fn mark_failed(
+        &self,
+        id: MessageId,
+        attempt: &outbox_core::FailedAttempt,
+    ) -> Result<outbox_core::FailureOutcome> {
+        self.inner.mark_failed(id, attempt).await
+    }
+    async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
+        self.inner.requeue(filter).await
+    }
+    async fn stats(&self) -> Result<outbox_core::OutboxStats> {
+        self.inner.stats().await
+    }
+    async fn purge_dispatched(&self, retention: Duration, limit: usize) -> Result<u64> {
+        self.inner.purge_dispatched(retention, limit).await
+    }
+    async fn list(
+        &self,
+        query: &outbox_core::ListQuery,
+    ) -> Result<Vec<outbox_core::StoredMessage>> {
+        self.inner.list(query).await
+    }
+}

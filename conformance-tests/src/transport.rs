@@ -363,6 +363,7 @@ pub async fn dead_letter_after_n_failures(h: &dyn TransportHarness) {
         ..CountingHandler::default()
     };
     let p = InboxProcessor::new(Arc::new(MemoryStore::new()), "conformance", handler)
+        .expect("processor")
         .with_max_deliveries(3);
     let c = h.consumer().await.expect("consumer");
     let mut outcomes = Vec::new();
@@ -402,7 +403,8 @@ pub async fn inbox_suppresses_duplicate(h: &dyn TransportHarness) {
     p.send(&m).await.expect("send the duplicate");
     let handler = CountingHandler::default();
     let store = MemoryStore::new();
-    let proc = InboxProcessor::new(Arc::new(store.clone()), "conformance", handler.clone());
+    let proc = InboxProcessor::new(Arc::new(store.clone()), "conformance", handler.clone())
+        .expect("processor");
     let c = h.consumer().await.expect("consumer");
     let mut outcomes = Vec::new();
     for _ in 0..2 {
@@ -470,7 +472,8 @@ pub async fn end_to_end_exactly_once(h: &dyn TransportHarness) {
 
     let inbox = Arc::new(MemoryStore::new());
     let handler = CountingHandler::default();
-    let processor = Arc::new(InboxProcessor::new(inbox.clone(), "e2e", handler.clone()));
+    let processor =
+        Arc::new(InboxProcessor::new(inbox.clone(), "e2e", handler.clone()).expect("processor"));
     let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
     for _ in 0..2 {
         consumers.push(Arc::from(h.consumer().await.expect("consumer")));

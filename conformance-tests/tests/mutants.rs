@@ -642,3 +642,42 @@ async fn lock_cases_catch_flaws() {
     catches!(Flaw::LockNoValidation, lock::invalid_input);
     catches!(Flaw::LockRenewKeepsExpiry, lock::renew_extends);
 }
+
+/// Relay flaws, planted process-wide through the `mutants` feature of outbox-core. Only this
+/// test uses relays in this binary, and it runs its cases one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_cases_catch_relay_flaws() {
+    use outbox_conformance::relay;
+    use outbox_core::relay::mutants::{RelayFlaw, plant};
+    macro_rules! relay_catches {
+        ($flaw:expr, $($case:path),+ $(,)?) => {$({
+            let case = stringify!($case);
+            for (planted, must_fail) in [(RelayFlaw::None, false), ($flaw, true)] {
+                let fixture = outbox_conformance::harness::setup(case, |ctx| setup(ctx, Flaw::None))
+                    .await
+                    .expect("memory setup never skips");
+                plant(planted);
+                let failed = tokio::spawn(async move { $case(&fixture).await }).await.is_err();
+                plant(RelayFlaw::None);
+                assert_eq!(
+                    failed, must_fail,
+                    "{case} with {planted:?}: expected {}",
+                    if must_fail { "a failure (the flaw went unnoticed)" } else { "a pass" }
+                );
+            }
+        })+};
+    }
+    relay_catches!(
+        RelayFlaw::CountOutages,
+        relay::broker_down_then_recovers,
+        relay::outage_parks_nothing_in_run,
+    );
+    relay_catches!(
+        RelayFlaw::IgnoreDeadline,
+        relay::stale_holder_publishes_nothing
+    );
+    relay_catches!(
+        RelayFlaw::MarkBeforeConfirm,
+        relay::broker_down_then_recovers
+    );
+}

@@ -156,7 +156,7 @@ async fn run_in(args: &DemoArgs, dir: &Path) -> CliResult<bool> {
     let current_handle = Arc::new(Mutex::new(relay1.handle()));
 
     let processor = Arc::new(
-        InboxProcessor::new(billing.clone(), HANDLER_KEY, BillingHandler).with_max_deliveries(5),
+        InboxProcessor::new(billing.clone(), HANDLER_KEY, BillingHandler)?.with_max_deliveries(5),
     );
     let counters = Arc::new(ConsumerCounters::default());
     let consumer_stop = CancellationToken::new();

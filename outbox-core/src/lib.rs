@@ -23,7 +23,10 @@ pub use message::{
     MAX_FIELD_LEN, Message, MessageBuilder, MessageId, MessageStatus, MessageType, StoredMessage,
     TraceContext, shard_for,
 };
-pub use processor::{HandlerError, InboxProcessor, MessageHandler, ProcessOutcome, ProcessorStats};
+pub use processor::{
+    DEFAULT_CONCURRENCY, DEFAULT_MAX_DELIVERIES, HandlerError, InboxProcessor, MessageHandler,
+    ProcessOutcome, ProcessorStats,
+};
 pub use relay::{
     OutageBackoff, Relay, RelayConfig, RelayHandle, RelayHealth, RetryPolicy, RunReport,
 };

@@ -10,18 +10,29 @@
 //! - A handler error rolls the transaction back and nacks the delivery, so the broker
 //!   redelivers it. From the `max_deliveries`-th failed delivery on, the message is
 //!   dead-lettered instead, with the handler's error as the reason.
-//! - A store error (cannot begin or commit) nacks the delivery and returns the error.
+//! - A store error (cannot begin, insert the inbox entry or commit) counts like a handler
+//!   error: the delivery is nacked, and dead-lettered from the `max_deliveries`-th delivery on.
+//!
+//! [`InboxProcessor::run`] handles deliveries of different keys concurrently (up to
+//! [`InboxProcessor::with_concurrency`], default [`DEFAULT_CONCURRENCY`]) and the deliveries
+//! of one key one after another, in the order they were received. Deliveries without a key
+//! are independent.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::inbox::{InboxEntry, InboxStore, InsertOutcome};
 use crate::message::Message;
+use crate::metrics as names;
 use crate::transport::{Consumer, Delivery};
 use crate::tx::{Transaction, TransactionalStore};
 
@@ -105,6 +116,7 @@ pub struct InboxProcessor<S: TransactionalStore, H> {
     handler: H,
     handler_key: String,
     max_deliveries: u32,
+    concurrency: usize,
     counters: Counters,
 }
 
@@ -123,21 +135,42 @@ const RECEIVE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(
 /// Default number of deliveries before a failing message is dead-lettered.
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
+/// Default number of deliveries [`InboxProcessor::run`] handles at once (of different keys).
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
 impl<S, H> InboxProcessor<S, H>
 where
     S: TransactionalStore + InboxStore,
     H: MessageHandler<S::Tx>,
 {
     /// A processor recording entries under `handler_key` (name it after the handler: the same
-    /// message is handled once per key). Dead-letters after [`DEFAULT_MAX_DELIVERIES`].
-    pub fn new(store: Arc<S>, handler_key: impl Into<String>, handler: H) -> Self {
-        InboxProcessor {
+    /// message is handled once per key). Dead-letters after [`DEFAULT_MAX_DELIVERIES`];
+    /// handles [`DEFAULT_CONCURRENCY`] deliveries at once.
+    ///
+    /// # Errors
+    /// `InvalidInput` for an empty handler key (every delivery would fail its inbox insert).
+    pub fn new(store: Arc<S>, handler_key: impl Into<String>, handler: H) -> Result<Self> {
+        let handler_key = handler_key.into();
+        if handler_key.is_empty() {
+            return Err(Error::invalid_input(
+                "InboxProcessor: the handler key must not be empty",
+            ));
+        }
+        Ok(InboxProcessor {
             store,
             handler,
-            handler_key: handler_key.into(),
+            handler_key,
             max_deliveries: DEFAULT_MAX_DELIVERIES,
+            concurrency: DEFAULT_CONCURRENCY,
             counters: Counters::default(),
-        }
+        })
+    }
+
+    /// Handle up to `n` deliveries (of different keys) at once in [`run`](Self::run); at
+    /// least 1. Deliveries waiting behind a busy key count towards `n`, which bounds memory.
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Dead-letter a message on its `n`-th failed delivery (at least 1).
@@ -161,8 +194,23 @@ where
     ///
     /// # Errors
     /// Store or transport errors. The delivery has then been nacked (when possible), so it
-    /// will be delivered again; nothing is lost.
+    /// will be delivered again, or dead-lettered on its `max_deliveries`-th delivery; nothing
+    /// is lost.
     pub async fn process(
+        &self,
+        consumer: &dyn Consumer,
+        delivery: &Delivery,
+    ) -> Result<ProcessOutcome> {
+        let m = &delivery.message;
+        let span = tracing::info_span!("outbox.inbox.handle", message_id = %m.id, topic = %m.topic,
+            key = m.key.as_deref().unwrap_or(""), attempt = delivery.attempt,
+            handler = %self.handler_key);
+        self.process_inner(consumer, delivery)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_inner(
         &self,
         consumer: &dyn Consumer,
         delivery: &Delivery,
@@ -170,7 +218,11 @@ where
         let entry = InboxEntry::new(delivery.message.id, self.handler_key.clone());
         let mut tx = match self.store.begin().await {
             Ok(tx) => tx,
-            Err(e) => return self.nack_after(consumer, delivery, e).await,
+            Err(e) => {
+                return self
+                    .failed(consumer, delivery, e.to_string(), Some(e))
+                    .await;
+            }
         };
         match tx.inbox_insert(&entry).await {
             Ok(InsertOutcome::Duplicate) => {
@@ -184,7 +236,9 @@ where
             Ok(InsertOutcome::Inserted) => {}
             Err(e) => {
                 drop(tx);
-                return self.nack_after(consumer, delivery, e).await;
+                return self
+                    .failed(consumer, delivery, e.to_string(), Some(e))
+                    .await;
             }
         }
         match self.handler.handle(&delivery.message, &mut tx).await {
@@ -193,6 +247,7 @@ where
                     // The effects are durable from here on, whatever happens to the ack: a
                     // failed ack means a redelivery, which the inbox turns into a duplicate.
                     self.counters.handled.fetch_add(1, AtomicOrdering::Relaxed);
+                    self.count(names::INBOX_HANDLED);
                     consumer.ack(delivery).await?;
                     Ok(ProcessOutcome::Handled)
                 }
@@ -201,37 +256,29 @@ where
                     if self.store_has_entry(&entry).await {
                         self.ack_duplicate(consumer, delivery).await
                     } else {
-                        self.nack_after(consumer, delivery, e).await
+                        self.failed(consumer, delivery, e.to_string(), Some(e))
+                            .await
                     }
                 }
-                Err(e) => self.nack_after(consumer, delivery, e).await,
+                Err(e) => {
+                    self.failed(consumer, delivery, e.to_string(), Some(e))
+                        .await
+                }
             },
             Err(handler_error) => {
                 drop(tx);
-                if delivery.attempt >= self.max_deliveries {
-                    consumer
-                        .dead_letter(delivery, &handler_error.to_string())
-                        .await?;
-                    self.counters
-                        .dead_lettered
-                        .fetch_add(1, AtomicOrdering::Relaxed);
-                    tracing::warn!(message_id = %delivery.message.id, attempt = delivery.attempt,
-                        error = %handler_error, "handler failed; message dead-lettered");
-                    Ok(ProcessOutcome::DeadLettered)
-                } else {
-                    consumer.nack(delivery).await?;
-                    self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
-                    tracing::debug!(message_id = %delivery.message.id, attempt = delivery.attempt,
-                        error = %handler_error, "handler failed; delivery nacked");
-                    Ok(ProcessOutcome::Retrying)
-                }
+                self.failed(consumer, delivery, handler_error.to_string(), None)
+                    .await
             }
         }
     }
 
     /// Receive and process deliveries until `shutdown` is cancelled or the consumer closes.
-    /// A delivery being processed when shutdown is requested is finished first.
+    /// Deliveries being processed when shutdown is requested are finished first; deliveries
+    /// received but waiting behind their key are left unacknowledged (delivered again later).
     ///
+    /// Deliveries of different keys are processed concurrently (see
+    /// [`with_concurrency`](Self::with_concurrency)), those of one key in receive order.
     /// Retryable `receive` errors (broker unavailable) are logged and retried with a backoff
     /// from 100 ms to 30 s; processing errors are logged and the delivery is left to
     /// redelivery.
@@ -244,33 +291,65 @@ where
         shutdown: CancellationToken,
     ) -> Result<ProcessorStats> {
         let mut backoff = RECEIVE_BACKOFF_MIN;
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                d = consumer.receive() => d,
-            };
-            let delivery = match next {
-                Ok(Some(d)) => d,
-                Ok(None) => break,
-                // Broker away for a while: wait and try again rather than stop consuming.
-                Err(e) if e.is_retryable() => {
-                    tracing::warn!(error = %e, ?backoff, "receive failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(RECEIVE_BACKOFF_MAX);
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            backoff = RECEIVE_BACKOFF_MIN;
-            if let Err(e) = self.process(consumer, &delivery).await {
-                tracing::warn!(message_id = %delivery.message.id, error = %e,
+        // Deliveries waiting behind a busy key, per key; a key is busy while it has an entry.
+        let mut waiting: HashMap<String, VecDeque<Delivery>> = HashMap::new();
+        let mut held = 0usize; // running + waiting
+        let mut running = FuturesUnordered::new();
+        let start = |d: Delivery| async move {
+            if let Err(e) = self.process(consumer, &d).await {
+                tracing::warn!(message_id = %d.message.id, error = %e,
                     "delivery not processed; it will be redelivered");
             }
+            d.message.key
+        };
+        let mut fatal = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(key) = running.next(), if !running.is_empty() => {
+                    held -= 1;
+                    if let Some(k) = key {
+                        let next = waiting.get_mut(&k).and_then(VecDeque::pop_front);
+                        match next {
+                            Some(d) => running.push(start(d)),
+                            None => { waiting.remove(&k); }
+                        }
+                    }
+                }
+                next = consumer.receive(), if held < self.concurrency => {
+                    let delivery = match next {
+                        Ok(Some(d)) => d,
+                        Ok(None) => break,
+                        // Broker away for a while: wait and try again rather than stop.
+                        Err(e) if e.is_retryable() => {
+                            tracing::warn!(error = %e, ?backoff, "receive failed; retrying");
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                _ = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(RECEIVE_BACKOFF_MAX);
+                            continue;
+                        }
+                        Err(e) => { fatal = Some(e); break; }
+                    };
+                    backoff = RECEIVE_BACKOFF_MIN;
+                    held += 1;
+                    match delivery.message.key.clone() {
+                        Some(k) => match waiting.get_mut(&k) {
+                            Some(queue) => queue.push_back(delivery), // key busy: wait
+                            None => {
+                                waiting.insert(k, VecDeque::new());
+                                running.push(start(delivery));
+                            }
+                        },
+                        None => running.push(start(delivery)),
+                    }
+                }
+            }
         }
-        Ok(self.stats())
+        // Finish what is running; waiting deliveries stay unacknowledged.
+        while running.next().await.is_some() {}
+        fatal.map_or(Ok(self.stats()), Err)
     }
 
     async fn ack_duplicate(
@@ -282,19 +361,49 @@ where
         self.counters
             .duplicates
             .fetch_add(1, AtomicOrdering::Relaxed);
+        self.count(names::INBOX_DUPLICATES);
         Ok(ProcessOutcome::Duplicate)
     }
 
-    async fn nack_after(
+    /// The delivery failed (handler, inbox insert or commit): nack it for redelivery, or
+    /// dead-letter it on its `max_deliveries`-th delivery. A store error is returned after
+    /// the nack so the caller sees it; a handler error is an outcome.
+    async fn failed(
         &self,
         consumer: &dyn Consumer,
         delivery: &Delivery,
-        error: crate::Error,
+        reason: String,
+        store_error: Option<Error>,
     ) -> Result<ProcessOutcome> {
-        if let Err(nack_error) = consumer.nack(delivery).await {
-            tracing::warn!(message_id = %delivery.message.id, error = %nack_error, "nack failed");
+        if delivery.attempt >= self.max_deliveries {
+            consumer.dead_letter(delivery, &reason).await?;
+            self.counters
+                .dead_lettered
+                .fetch_add(1, AtomicOrdering::Relaxed);
+            self.count(names::INBOX_DEAD_LETTERED);
+            tracing::warn!(message_id = %delivery.message.id, attempt = delivery.attempt,
+                error = %reason, "delivery failed; message dead-lettered");
+            return Ok(ProcessOutcome::DeadLettered);
         }
-        Err(error)
+        let nacked = consumer.nack(delivery).await;
+        self.counters.retried.fetch_add(1, AtomicOrdering::Relaxed);
+        self.count(names::INBOX_FAILED);
+        tracing::debug!(message_id = %delivery.message.id, attempt = delivery.attempt,
+            error = %reason, "delivery failed; nacked");
+        match store_error {
+            Some(e) => {
+                if let Err(nack_error) = nacked {
+                    tracing::warn!(message_id = %delivery.message.id, error = %nack_error,
+                        "nack failed");
+                }
+                Err(e)
+            }
+            None => nacked.map(|()| ProcessOutcome::Retrying),
+        }
+    }
+
+    fn count(&self, name: &'static str) {
+        metrics::counter!(name, "instance" => self.handler_key.clone()).increment(1);
     }
 
     async fn store_has_entry(&self, entry: &InboxEntry) -> bool {

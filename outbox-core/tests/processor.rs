@@ -82,7 +82,7 @@ async fn each_message_handled_once_and_duplicates_acked_without_effect() {
     let broker = MemoryBroker::new();
     let consumer = broker.subscribe(consumer_name(), &[TOPIC]);
     let handler = Billing::default();
-    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler);
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler).expect("processor");
     let sent = publish(&broker, 10).await;
 
     drain(&p, &consumer, &broker).await;
@@ -115,7 +115,9 @@ async fn handler_failure_redelivers_then_dead_letters_with_nothing_written() {
     let handler = Billing::default();
     handler.fail_times.lock().unwrap().insert(sent[0].id, 100); // always fails
     handler.fail_times.lock().unwrap().insert(sent[1].id, 1); // fails once
-    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler).with_max_deliveries(3);
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler)
+        .expect("processor")
+        .with_max_deliveries(3);
 
     let outcomes = drain(&p, &consumer, &broker).await;
 
@@ -162,7 +164,7 @@ async fn messages_added_by_the_handler_commit_with_the_inbox_entry() {
     };
     handler.fail_times.lock().unwrap().insert(sent[0].id, 1);
     let calls = handler.calls.clone();
-    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler);
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler).expect("processor");
 
     drain(&p, &consumer, &broker).await;
 
@@ -212,7 +214,8 @@ async fn run_rides_out_retryable_receive_errors_and_stops_on_permanent_ones() {
         ]),
     };
     publish(&broker, 5).await;
-    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", Billing::default());
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", Billing::default())
+        .expect("processor");
     let shutdown = outbox_core::CancellationToken::new();
     let (stats, ()) = tokio::join!(p.run(&consumer, shutdown.clone()), async {
         while p.stats().handled < 5 {
@@ -239,4 +242,84 @@ async fn run_rides_out_retryable_receive_errors_and_stops_on_permanent_ones() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not authorized"), "{err}");
+}
+
+/// Records, per key, the order handlers ran in, and the most handlers running at once.
+#[derive(Default)]
+struct Recorder {
+    order: Mutex<HashMap<String, Vec<MessageId>>>,
+    running: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+}
+
+/// The handler side of a shared [`Recorder`].
+struct Rec(Arc<Recorder>);
+
+#[async_trait]
+impl MessageHandler<MemoryTx> for Rec {
+    async fn handle(&self, message: &Message, tx: &mut MemoryTx) -> Result<(), HandlerError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let this = &self.0;
+        let now = this.running.fetch_add(1, SeqCst) + 1;
+        this.peak.fetch_max(now, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        let key = message.key.clone().unwrap_or_default();
+        this.order
+            .lock()
+            .unwrap()
+            .entry(key)
+            .or_default()
+            .push(message.id);
+        tx.put_record(format!("r/{}", message.id), message.payload.clone());
+        this.running.fetch_sub(1, SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn run_handles_keys_concurrently_and_each_key_in_order() {
+    let store = MemoryStore::new();
+    let broker = MemoryBroker::new();
+    let consumer = broker.subscribe(consumer_name(), &[TOPIC]);
+    let producer = broker.producer();
+    let mut sent: HashMap<String, Vec<MessageId>> = HashMap::new();
+    for i in 0..200 {
+        let key = format!("k{}", i % 10);
+        let m = Message::builder(TOPIC).key(key.clone()).build().unwrap();
+        producer.send(&m).await.unwrap();
+        sent.entry(key).or_default().push(m.id);
+    }
+    let recorder = Arc::new(Recorder::default());
+    let p = InboxProcessor::new(Arc::new(store.clone()), "billing", Rec(recorder.clone()))
+        .expect("processor")
+        .with_concurrency(8);
+    let shutdown = outbox_core::CancellationToken::new();
+    let run = {
+        let shutdown = shutdown.clone();
+        async move { p.run(&consumer, shutdown).await }
+    };
+    let stop = async {
+        while p_handled(&recorder) < 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        shutdown.cancel();
+    };
+    let (stats, ()) = tokio::join!(run, stop);
+    assert_eq!(stats.unwrap().handled, 200);
+    assert_eq!(*recorder.order.lock().unwrap(), sent, "per-key order");
+    let peak = recorder.peak.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((2..=8).contains(&peak), "handlers at once: {peak}");
+}
+
+fn p_handled(r: &Recorder) -> usize {
+    r.order.lock().unwrap().values().map(Vec::len).sum()
+}
+
+#[test]
+fn empty_handler_key_is_refused_at_construction() {
+    let Err(e) = InboxProcessor::new(Arc::new(MemoryStore::new()), "", Billing::default()) else {
+        panic!("an empty handler key was accepted");
+    };
+    assert_eq!(e.kind(), outbox_core::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("handler key"), "{e}");
 }

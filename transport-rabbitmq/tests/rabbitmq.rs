@@ -245,6 +245,7 @@ async fn dead_letter_with_reason_after_n_failures() {
     };
     let processor = Arc::new(
         InboxProcessor::new(Arc::new(MemoryStore::new()), "dlq-test", handler.clone())
+            .expect("processor")
             .with_max_deliveries(3),
     );
     let consumer = Arc::new(iso.consumer().await.unwrap());

@@ -37,7 +37,10 @@ impl Leases {
     pub(super) fn sendable(&self, inner: &Inner, now: DateTime<Utc>) -> Vec<u32> {
         self.shards
             .iter()
-            .filter(|(s, l)| !self.draining.contains(s) && now <= inner.send_deadline(l))
+            .filter(|(s, l)| {
+                !self.draining.contains(s)
+                    && (now <= inner.send_deadline(l) || super::flawed!(IgnoreDeadline))
+            })
             .map(|(s, _)| *s)
             .collect()
     }
@@ -48,7 +51,7 @@ impl Leases {
             && self
                 .shards
                 .get(&shard)
-                .is_some_and(|l| now <= inner.send_deadline(l))
+                .is_some_and(|l| now <= inner.send_deadline(l) || super::flawed!(IgnoreDeadline))
     }
 }
 

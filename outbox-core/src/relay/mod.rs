@@ -73,7 +73,25 @@
 mod breaker;
 mod config;
 mod leases;
+#[cfg(feature = "mutants")]
+pub mod mutants;
 mod pipeline;
+
+/// Whether a planted flaw is active: `flawed!(Name)` (always `false` without the `mutants`
+/// feature).
+#[cfg(not(feature = "mutants"))]
+macro_rules! flawed {
+    ($flaw:ident) => {
+        false
+    };
+}
+#[cfg(feature = "mutants")]
+macro_rules! flawed {
+    ($flaw:ident) => {
+        $crate::relay::mutants::planted($crate::relay::mutants::RelayFlaw::$flaw)
+    };
+}
+pub(crate) use flawed;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -674,9 +692,12 @@ impl Relay {
         if shards.is_empty() || capacity == 0 {
             return Ok(started);
         }
-        let in_flight = inner.flight().len();
+        let (in_flight, fetch) = {
+            let mut flight = inner.flight();
+            (flight.len(), flight.fetching())
+        };
         let span = tracing::info_span!("outbox.relay.batch", shards = shards.len(), in_flight);
-        let batch: Vec<StoredMessage> = inner
+        let batch = inner
             .store
             .fetch_pending(&PendingQuery {
                 shards: shards.to_vec(),
@@ -684,16 +705,21 @@ impl Relay {
                 ordering: inner.config.ordering,
             })
             .instrument(span.clone())
-            .await?;
-        if batch.is_empty() {
-            return Ok(started);
-        }
+            .await;
+        let batch: Vec<StoredMessage> = match batch {
+            Ok(b) if !b.is_empty() => b,
+            other => {
+                inner.flight().fetched(&fetch);
+                return other.map(|_| started);
+            }
+        };
         inner.counters.batches.fetch_add(1, AtomicOrdering::Relaxed);
         inner.count(names::BATCHES, 1);
         // Admission is checked against the leases as they are now, after the fetch.
         let leases = inner.leases.lock().await;
         let mut flight = inner.flight();
-        let (chains, waiting) = flight.admit(batch, inner.config.ordering);
+        let (chains, waiting) = flight.admit(batch, inner.config.ordering, &fetch);
+        flight.fetched(&fetch);
         started.waiting = waiting;
         let now = inner.clock.now();
         let mut room = capacity;

@@ -9,7 +9,7 @@
 //! The chain (its ids and its key) stays *in flight* until its marks and its failure record
 //! are written, so no later fetch can hand the same message or the same key to a second chain.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 
@@ -49,12 +49,26 @@ impl ChainDone {
     }
 }
 
-/// Messages and keys handed to chains and not yet finished.
+/// Messages and keys handed to chains and not yet finished, and the recently finished ones.
+///
+/// A fetch that started before a chain's marks committed may still return the chain's
+/// messages as pending, after the chain finished. So every finished id is remembered with the
+/// *epoch* (a counter of finished chains) at which it finished, and a fetch that started at
+/// an earlier epoch leaves those ids out.
 #[derive(Debug, Default)]
 pub(super) struct InFlight {
     ids: HashSet<MessageId>,
     keys: HashSet<String>,
     shards: BTreeMap<u32, usize>,
+    epoch: u64,
+    finished: HashMap<MessageId, u64>,
+    fetches: BTreeMap<u64, usize>,
+}
+
+/// A fetch in progress: admit its result with the epoch it started at.
+#[derive(Debug)]
+pub(super) struct Fetching {
+    since: u64,
 }
 
 impl InFlight {
@@ -68,19 +82,51 @@ impl InFlight {
         self.shards.keys().copied().collect()
     }
 
-    /// Split a fetched batch into chains, leaving out messages already in flight and, under
-    /// per-key order, every message of a key that has a chain in flight. Returns the chains
-    /// and whether anything was left out for a busy key (worth fetching again once it is done).
+    /// Register a fetch about to read the store.
+    pub(super) fn fetching(&mut self) -> Fetching {
+        if self.fetches.is_empty() {
+            // No fetch is older than now: ids finished so far were marked before any later
+            // read, so nothing needs remembering.
+            self.finished.clear();
+        }
+        *self.fetches.entry(self.epoch).or_default() += 1;
+        Fetching { since: self.epoch }
+    }
+
+    /// The fetch is over (its result admitted or dropped).
+    pub(super) fn fetched(&mut self, fetch: &Fetching) {
+        if let Some(n) = self.fetches.get_mut(&fetch.since) {
+            *n -= 1;
+            if *n == 0 {
+                self.fetches.remove(&fetch.since);
+            }
+        }
+        let oldest = self.fetches.keys().next().copied().unwrap_or(self.epoch);
+        self.finished.retain(|_, e| *e > oldest);
+    }
+
+    /// Split a fetched batch into chains, leaving out messages in flight or finished since the
+    /// fetch started, and, under per-key order, every message of a key that has a chain in
+    /// flight. Returns the chains and whether anything was left out for a busy key or a stale
+    /// read (worth fetching again once a chain is done).
     pub(super) fn admit(
         &self,
         batch: Vec<StoredMessage>,
         ordering: Ordering,
+        fetch: &Fetching,
     ) -> (Vec<Chain>, bool) {
         let mut out: Vec<Chain> = Vec::new();
         let mut by_key: BTreeMap<String, usize> = BTreeMap::new();
         let mut waiting = false;
         for m in batch {
-            if self.ids.contains(&m.message.id) {
+            let id = m.message.id;
+            if self.ids.contains(&id) {
+                continue; // expected: the query asks for the messages in flight too
+            }
+            if self.finished.get(&id).is_some_and(|e| *e > fetch.since)
+                && !super::flawed!(AdmitStaleReads)
+            {
+                waiting = true; // a stale read of a message finished meanwhile
                 continue;
             }
             match (&m.message.key, ordering) {
@@ -115,8 +161,12 @@ impl InFlight {
 
     /// Record a chain as finished.
     pub(super) fn finish(&mut self, done: &ChainDone) {
+        self.epoch += 1;
         for id in &done.ids {
             self.ids.remove(id);
+            if !self.fetches.is_empty() {
+                self.finished.insert(*id, self.epoch);
+            }
         }
         if let Some(k) = &done.key {
             self.keys.remove(k);
@@ -211,6 +261,9 @@ impl Inner {
             messages = chain.len());
         let messages: Vec<Message> = chain.iter().map(|m| m.message.clone()).collect();
         let timeout = self.config.publish_timeout;
+        if super::flawed!(MarkBeforeConfirm) {
+            let _ = self.store.mark_dispatched(&done.ids).await;
+        }
         let sent = tokio::time::timeout(timeout, self.producer.send_ordered(&messages))
             .instrument(span.clone())
             .await;
@@ -243,7 +296,7 @@ impl Inner {
                 .await;
         }
         if let Some((e, m)) = failure.zip(chain.get(confirmed)) {
-            if is_outage(&e) {
+            if is_outage(&e) && !super::flawed!(CountOutages) {
                 // Not this message's fault: nothing is counted against it.
                 let _enter = span.enter();
                 self.breaker
