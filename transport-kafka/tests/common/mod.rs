@@ -192,4 +192,9 @@ impl TransportHarness for KafkaHarness {
     fn max_message_size(&self) -> Option<usize> {
         Some(MAX_BYTES)
     }
+
+    /// The relay's default `publish_timeout`.
+    fn max_delivery_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(10))
+    }
 }

@@ -183,6 +183,11 @@ impl TransportHarness for Harness {
     fn max_message_size(&self) -> Option<usize> {
         Some(outbox_rabbitmq::DEFAULT_MAX_MESSAGE_SIZE)
     }
+
+    /// The relay's default `publish_timeout`.
+    fn max_delivery_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(10))
+    }
 }
 
 /// Force-close every broker connection whose client-provided name is `name`, the way an
