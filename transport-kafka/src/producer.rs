@@ -395,6 +395,23 @@ mod tests {
     use outbox_core::ErrorKind;
 
     #[tokio::test]
+    async fn delivery_timeout_is_queue_wait_plus_message_timeout() {
+        let p = KafkaProducer::new(&KafkaConfig::new("127.0.0.1:1")).unwrap();
+        assert_eq!(p.delivery_timeout(), Some(Duration::from_secs(10)));
+        let c = KafkaConfig::new("127.0.0.1:1")
+            .set("delivery.timeout.ms", "3000")
+            .with_send_queue_timeout(Duration::from_millis(500));
+        let p = KafkaProducer::new(&c).unwrap();
+        assert_eq!(p.delivery_timeout(), Some(Duration::from_millis(3500)));
+        let c = KafkaConfig::new("127.0.0.1:1").set("message.timeout.ms", "0");
+        assert_eq!(KafkaProducer::new(&c).unwrap().delivery_timeout(), None);
+        let c = KafkaConfig::new("127.0.0.1:1").set("message.timeout.ms", "soon");
+        let e = KafkaProducer::new(&c).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+        assert!(e.to_string().contains("message.timeout.ms"), "{e}");
+    }
+
+    #[tokio::test]
     async fn security_settings_pass_through_to_librdkafka() {
         // Building a client validates the settings without connecting.
         for (protocol, mechanism) in [

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{KafkaHarness, MAX_BYTES, brokers_or_skip, read_partition, unique};
+use common::{KafkaHarness, MAX_BYTES, brokers_or_skip, unique};
 use outbox_core::{Consumer, Delivery, ErrorKind, Message, Producer};
-use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _};
+use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{ConsumerOptions, KafkaConsumer};
 
@@ -42,14 +42,36 @@ async fn receive(c: &dyn Consumer) -> Delivery {
         .expect("consumer open")
 }
 
-/// The ids of the records of partition 0 of `topic`, in offset order.
-async fn partition_ids(h: &KafkaHarness, expected: usize) -> Vec<String> {
-    read_partition(&h.config, &h.topic, expected, Duration::from_secs(30))
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| outbox_kafka::decode_message(r).unwrap().id.to_string())
-        .collect()
+/// The ids of the records of partition 0 of the harness's topic, in offset order: read
+/// (without a group) until `expected` arrived (at most 30 s), then for `linger` more, to see
+/// whether anything else is there. (Not `common::read_partition`: the test broker, tansu,
+/// reports the high watermark of a multi-record batch as its base offset + 1.)
+async fn partition_ids(h: &KafkaHarness, expected: usize, linger: Duration) -> Vec<String> {
+    let reader: StreamConsumer = h
+        .config
+        .to_client_config()
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&h.topic, 0, Offset::Beginning)
+        .unwrap();
+    reader.assign(&tpl).unwrap();
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let wait_until = if ids.len() >= expected {
+            tokio::time::Instant::now() + linger
+        } else {
+            deadline
+        };
+        match tokio::time::timeout_at(wait_until, reader.recv()).await {
+            Ok(Ok(r)) => ids.push(outbox_kafka::decode_message(&r).unwrap().id.to_string()),
+            Ok(Err(e)) => panic!("reading {}: {e}", h.topic),
+            Err(_) => return ids,
+        }
+    }
 }
 
 /// A chain of 300 is enqueued at once: while `send_ordered` waits, librdkafka holds many of
@@ -84,7 +106,7 @@ async fn send_ordered_enqueues_the_chain_at_once_and_keeps_its_order() {
     );
     let most = most.load(Ordering::SeqCst);
     assert!(most > 1, "at most {most} record(s) were ever in flight");
-    let ids = partition_ids(&h, 300).await;
+    let ids = partition_ids(&h, 300, Duration::ZERO).await;
     let sent: Vec<String> = chain.iter().map(|m| m.id.to_string()).collect();
     assert!(ids == sent, "the partition holds the chain in order");
 }
@@ -111,7 +133,7 @@ async fn send_ordered_sends_nothing_after_a_record_it_cannot_enqueue() {
     assert!(matches!(e.kind(), ErrorKind::PayloadTooLarge { .. }), "{e}");
     assert!(!e.is_retryable());
     h.producer.flush(Duration::from_secs(10)).await.unwrap();
-    let ids = partition_ids(&h, 3).await;
+    let ids = partition_ids(&h, 3, Duration::from_secs(1)).await;
     let sent: Vec<String> = chain[..3].iter().map(|m| m.id.to_string()).collect();
     assert_eq!(ids, sent, "exactly the 3 before it");
 }
@@ -204,4 +226,69 @@ async fn every_nth_ack_commits_at_once() {
     assert_eq!(committed(&h), Some(3), "the fourth ack waits for its batch");
     c.commit().await.unwrap();
     assert_eq!(committed(&h), Some(4));
+}
+
+/// Rough throughput of raw rdkafka (same settings: idempotent, acks=all, linger.ms=1; all
+/// enqueued, then every report), `send_ordered` chains, `send_batch` and one `send` at a
+/// time. Not a benchmark: run by hand with
+/// `cargo test --release -p outbox-kafka --test pipelining -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a rough measurement, not a test"]
+async fn rough_throughput() {
+    use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+    const N: usize = 20_000;
+    let h = harness!("rough_throughput", 1);
+    let chain: Vec<Message> = (0..N).map(|i| msg(&h.topic, "k", &i.to_string())).collect();
+    let raw: FutureProducer = h
+        .config
+        .to_client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "1")
+        .create()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut reports = Vec::with_capacity(N);
+    for m in &chain {
+        let r: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&h.topic)
+            .key(b"k".as_slice())
+            .payload(m.payload.as_ref());
+        reports.push(raw.send_result(r).map_err(|(e, _)| e).unwrap());
+    }
+    for r in reports {
+        r.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    let t = started.elapsed();
+    eprintln!(
+        "raw rdkafka, all at once: {N} in {t:?} = {:.0}/s",
+        N as f64 / t.as_secs_f64()
+    );
+    let p = h.producer.clone();
+    let started = std::time::Instant::now();
+    for part in chain.chunks(500) {
+        assert!(p.send_ordered(part).await.iter().all(Result::is_ok));
+    }
+    let t = started.elapsed();
+    eprintln!(
+        "send_ordered, chains of 500: {N} in {t:?} = {:.0}/s",
+        N as f64 / t.as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    for part in chain.chunks(1000) {
+        assert!(p.send_batch(part).await.iter().all(Result::is_ok));
+    }
+    let t = started.elapsed();
+    eprintln!(
+        "send_batch of 1000: {N} in {t:?} = {:.0}/s",
+        N as f64 / t.as_secs_f64()
+    );
+    let started = std::time::Instant::now();
+    for m in &chain[..500] {
+        p.send(m).await.unwrap();
+    }
+    let t = started.elapsed();
+    eprintln!(
+        "send one at a time: 500 in {t:?} = {:.0}/s",
+        500.0 / t.as_secs_f64()
+    );
 }
