@@ -245,6 +245,7 @@ async fn settle_confirms(mut registrations: mpsc::UnboundedReceiver<Pending>) {
                 continue;
             }
             Some(settled) = waiting.next(), if !waiting.is_empty() => settled,
+            else => break,
         };
         let mut batch = vec![first];
         while let Ok(p) = registrations.try_recv() {
@@ -420,10 +421,17 @@ impl RabbitMqProducer {
         }
     }
 
-    /// The next lane, round robin.
-    async fn next_lane(&self) -> Result<Arc<Lane>> {
+    /// The next lane, round robin; waiting (to connect, or for the slot) until `deadline`
+    /// at most.
+    async fn next_lane(&self, deadline: Instant) -> Result<Arc<Lane>> {
         let index = self.inner.next_lane.fetch_add(1, Ordering::Relaxed) % self.inner.lanes.len();
-        self.lane(index).await
+        match tokio::time::timeout_at(deadline, self.lane(index)).await {
+            Ok(lane) => lane,
+            Err(_) => Err(parse_error(
+                Failure::Timeout(self.inner.config.confirm_timeout),
+                &format!("open a channel to {}", self.inner.config.connection.url),
+            )),
+        }
     }
 
     /// Check and encode `message` for publishing.
@@ -462,7 +470,7 @@ impl RabbitMqProducer {
         let place =
             match tokio::time::timeout_at(deadline, lane.window.clone().acquire_owned()).await {
                 Ok(Ok(place)) => place,
-                Ok(Err(_)) => return Err(Failure::NotConfirmed),
+                Ok(Err(_)) => return Err(Failure::Unconfirmed),
                 Err(_) => return Err(timeout),
             };
         let Ok(_turn) = tokio::time::timeout_at(deadline, lane.publish.lock()).await else {
@@ -492,7 +500,7 @@ impl RabbitMqProducer {
                 done,
                 _place: place,
             })
-            .map_err(|_| Failure::NotConfirmed)?;
+            .map_err(|_| Failure::Unconfirmed)?;
         Ok(confirmed)
     }
 
@@ -505,7 +513,7 @@ impl RabbitMqProducer {
         match tokio::time::timeout_at(deadline, confirm).await {
             Ok(Ok(outcome)) => outcome,
             // The settling task ended without an answer: the channel is gone.
-            Ok(Err(_)) => Err(Failure::NotConfirmed),
+            Ok(Err(_)) => Err(Failure::Unconfirmed),
             Err(_) => Err(Failure::Timeout(self.inner.config.confirm_timeout)),
         }
     }
@@ -602,7 +610,7 @@ impl Producer for RabbitMqProducer {
         let deadline = Instant::now() + self.inner.config.confirm_timeout;
         let mut retried = false;
         loop {
-            let lane = self.next_lane().await?;
+            let lane = self.next_lane(deadline).await?;
             let outcome = match self.publish(&lane, &m, deadline).await {
                 Ok(confirm) => self.confirmed(confirm, deadline).await,
                 Err(f) => Err(f),
@@ -647,7 +655,7 @@ impl Producer for RabbitMqProducer {
             return results;
         }
         let deadline = Instant::now() + self.inner.config.confirm_timeout;
-        let lane = match self.next_lane().await {
+        let lane = match self.next_lane(deadline).await {
             Ok(lane) => lane,
             Err(e) => {
                 results.push(Err(e));

@@ -371,6 +371,46 @@ async fn rough_throughput() {
     let chain: Vec<Message> = (0..N)
         .map(|i| msg(iso.topic(), "k", &i.to_string()))
         .collect();
+    // Raw lapin, same settings (confirm mode, persistent, mandatory), one channel: every
+    // publish in flight, then every confirm.
+    {
+        let c = Connection::connect(iso.connection.url.expose(), ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = c.create_channel().await.unwrap();
+        ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        let props = lapin::BasicProperties::default().with_delivery_mode(2);
+        let options = lapin::options::BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let mut confirms = Vec::with_capacity(N);
+        for m in &chain {
+            confirms.push(
+                ch.basic_publish(
+                    iso.topology.exchange.as_str().into(),
+                    iso.topic().into(),
+                    options,
+                    &m.payload,
+                    props.clone(),
+                )
+                .await
+                .unwrap(),
+            );
+        }
+        for c in confirms {
+            assert!(c.await.unwrap().is_ack());
+        }
+        let t = started.elapsed();
+        eprintln!(
+            "raw lapin, one channel, all in flight: {N} in {t:?} = {:.0}/s",
+            N as f64 / t.as_secs_f64()
+        );
+        let _ = c.close(200, "OK".into()).await;
+    }
     let started = std::time::Instant::now();
     for part in chain.chunks(500) {
         assert!(p.send_ordered(part).await.iter().all(Result::is_ok));
