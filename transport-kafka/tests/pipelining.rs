@@ -9,38 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{KafkaHarness, MAX_BYTES, brokers_or_skip, unique};
-use outbox_core::{Consumer, Delivery, ErrorKind, Message, Producer};
+use common::{KafkaHarness, MAX_BYTES, msg, receive, unique};
+use outbox_core::{Consumer, ErrorKind, Message, Producer};
 use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer as _, StreamConsumer};
 use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{ConsumerOptions, KafkaConsumer};
-
-macro_rules! harness {
-    ($name:literal, $partitions:expr) => {{
-        if brokers_or_skip($name).is_none() {
-            return;
-        }
-        KafkaHarness::new(&unique($name), $partitions)
-            .await
-            .expect("create topics")
-    }};
-}
-
-fn msg(topic: &str, key: &str, body: &str) -> Message {
-    Message::builder(topic)
-        .key(key)
-        .payload(body.as_bytes().to_vec())
-        .build()
-        .unwrap()
-}
-
-async fn receive(c: &dyn Consumer) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(60), c.receive())
-        .await
-        .expect("a delivery within 60 s")
-        .expect("receive")
-        .expect("consumer open")
-}
 
 /// The ids of the records of partition 0 of the harness's topic, in offset order: read
 /// (without a group) until `expected` arrived (at most 30 s), then for `linger` more, to see

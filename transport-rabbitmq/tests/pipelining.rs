@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Isolated, unique, url_or_skip};
+use common::{msg, unique, url_or_skip};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties};
@@ -22,23 +22,6 @@ use outbox_rabbitmq::{AmqpUrl, ConnectionConfig, ProducerConfig, RabbitMqProduce
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
-
-macro_rules! isolated {
-    ($test:literal) => {
-        match url_or_skip($test) {
-            Some(url) => Isolated::new(url, &unique($test)).await.unwrap(),
-            None => return,
-        }
-    };
-}
-
-fn msg(topic: &str, key: &str, body: &str) -> Message {
-    Message::builder(topic)
-        .key(key)
-        .payload(body.as_bytes().to_vec())
-        .build()
-        .unwrap()
-}
 
 /// How many messages `queue` holds (passive declare on a connection of its own).
 async fn queue_depth(url: &AmqpUrl, queue: &str) -> u32 {

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Isolated, kill_connections, unique, url_or_skip};
+use common::{kill_connections, msg};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -21,29 +21,12 @@ use outbox_rabbitmq::{
     AmqpUrl, ConnectionConfig, ProducerConfig, RabbitMqProducer, fetch_dead_letters,
 };
 
-macro_rules! isolated {
-    ($test:literal) => {
-        match url_or_skip($test) {
-            Some(url) => Isolated::new(url, &unique($test)).await.unwrap(),
-            None => return,
-        }
-    };
-}
-
 async fn receive(c: &dyn Consumer) -> Delivery {
     tokio::time::timeout(Duration::from_secs(30), c.receive())
         .await
         .expect("a delivery within 30 s")
         .unwrap()
         .expect("consumer not closed")
-}
-
-fn msg(topic: &str, key: &str, body: &str) -> Message {
-    Message::builder(topic)
-        .key(key)
-        .payload(body.as_bytes().to_vec())
-        .build()
-        .unwrap()
 }
 
 /// Every field, including values AMQP cannot carry as they are (application headers named
