@@ -654,6 +654,12 @@ impl Producer for RabbitMqProducer {
         if messages.is_empty() {
             return results;
         }
+        // A chain whose first message cannot be published fails with that error, also
+        // while the broker is unreachable.
+        if let Err(e) = self.prepare(&messages[0]) {
+            results.push(Err(e));
+            return results;
+        }
         let deadline = Instant::now() + self.inner.config.confirm_timeout;
         let lane = match self.next_lane(deadline).await {
             Ok(lane) => lane,
