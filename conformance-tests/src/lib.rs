@@ -178,7 +178,7 @@ macro_rules! __relay_cases {
     };
 }
 
-/// The transport cases (`transport_*`): transport items 1–4 against a real broker.
+/// The transport cases (`transport_*`): transport items 1–5 against a real broker.
 ///
 /// `$setup` is an `async fn(SetupContext) -> outbox_core::Result<H>` where
 /// `H: TransportHarness`; return an `ErrorKind::Unavailable` error when the broker is absent.
@@ -197,6 +197,9 @@ macro_rules! __transport_cases {
             transport_round_trip_every_field => $crate::transport::round_trip_every_field,
             transport_per_key_order => $crate::transport::per_key_order,
             transport_confirmed_send_is_consumable => $crate::transport::confirmed_send_is_consumable,
+            transport_send_ordered_chain_in_order => $crate::transport::send_ordered_chain_in_order,
+            transport_send_ordered_stops_at_permanent_failure => $crate::transport::send_ordered_stops_at_permanent_failure,
+            transport_delivery_timeout_bounded => $crate::transport::delivery_timeout_bounded,
             transport_unreachable_broker_is_retryable => $crate::transport::unreachable_broker_is_retryable,
             transport_unroutable_is_permanent => $crate::transport::unroutable_is_permanent,
             transport_too_large_is_permanent => $crate::transport::too_large_is_permanent,

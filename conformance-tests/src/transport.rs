@@ -1,9 +1,10 @@
-//! Transport cases: DESIGN.md "Transports" items 1–4, against a real broker.
+//! Transport cases: DESIGN.md "Transports" items 1–5, against a real broker.
 //!
 //! A transport crate implements [`TransportHarness`] for one isolated destination per case
 //! (a fresh topic, or exchange + queue) and invokes [`transport_tests!`](crate::transport_tests).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{Consumer, Message, Producer, Result};
@@ -54,12 +55,21 @@ pub trait TransportHarness: Send + Sync {
     fn per_key_order_across_consumers(&self) -> bool {
         false
     }
+
+    /// The bound [`Producer::delivery_timeout`] of [`producer`](Self::producer) must keep,
+    /// for the delivery-timeout case.
+    ///
+    /// - `Some(max)`: the transport holds sends after handing them to the broker (every
+    ///   network broker); the producer must report `Some(d)` with `0 < d <= max`. Pass the
+    ///   relay's `publish_timeout` you run with (its default is 10 s).
+    /// - `None`: a send is complete or failed when the call returns and nothing stays
+    ///   pending (the in-memory broker); the producer must report `None`.
+    fn max_delivery_timeout(&self) -> Option<Duration>;
 }
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use outbox_core::memory::{MemoryStore, MemoryTx};
 use outbox_core::{
@@ -207,6 +217,112 @@ pub async fn confirmed_send_is_consumable(h: &dyn TransportHarness) {
     assert!(ids.contains(&one.id));
     for m in &batch {
         assert!(ids.contains(&m.id), "batch message {} delivered", m.id);
+    }
+}
+
+/// Transport 5: `send_ordered` of a 500-message chain of one key: 500 `Ok` results, and a
+/// consumer receives the chain complete and in order. An empty chain gives no results.
+pub async fn send_ordered_chain_in_order(h: &dyn TransportHarness) {
+    const CHAIN: usize = 500;
+    let p = h.producer();
+    assert!(
+        p.send_ordered(&[]).await.is_empty(),
+        "empty chain: no results"
+    );
+    let chain: Vec<Message> = (0..CHAIN)
+        .map(|i| message(h, Some("chain"), &format!("{i:04}")))
+        .collect();
+    let results = p.send_ordered(&chain).await;
+    assert_eq!(results.len(), CHAIN, "one result per message");
+    for (i, r) in results.iter().enumerate() {
+        if let Err(e) = r {
+            panic!("message {i} of the chain failed: {e}");
+        }
+    }
+    let c = h.consumer().await.expect("consumer");
+    let mut got = Vec::with_capacity(CHAIN);
+    for _ in 0..CHAIN {
+        let d = receive(c.as_ref()).await;
+        c.ack(&d).await.expect("ack");
+        got.push(d.message.id);
+    }
+    let sent: Vec<MessageId> = chain.iter().map(|m| m.id).collect();
+    assert_eq!(got, sent, "the chain arrives complete and in order");
+}
+
+/// Transport 3, 5: a chain with a message the broker can never accept in the middle
+/// (unroutable where [`TransportHarness::unroutable_topic`] names one, else one byte over
+/// [`TransportHarness::max_message_size`]): `Ok` for the 5 messages before it, a permanent
+/// error for it, no result after it; the 5 arrive first and in order. (Messages after the
+/// failed one may still arrive: each transport documents when.)
+pub async fn send_ordered_stops_at_permanent_failure(h: &dyn TransportHarness) {
+    const PREFIX: usize = 5;
+    let poison = if let Some(topic) = h.unroutable_topic() {
+        Message::builder(topic).key("chain").build()
+    } else if let Some(limit) = h.max_message_size() {
+        Message::builder(h.topic())
+            .key("chain")
+            .payload(vec![7u8; limit + 1])
+            .build()
+    } else {
+        crate::harness::skip(
+            "transport_send_ordered_stops_at_permanent_failure",
+            "no unroutable topic and no size limit: nothing the broker rejects for good",
+        );
+        return;
+    }
+    .expect("valid message");
+    let mut chain: Vec<Message> = (0..PREFIX)
+        .map(|i| message(h, Some("chain"), &format!("before {i}")))
+        .collect();
+    chain.push(poison);
+    chain.extend((0..PREFIX).map(|i| message(h, Some("chain"), &format!("after {i}"))));
+    let p = h.producer();
+    let results = p.send_ordered(&chain).await;
+    assert_eq!(
+        results.len(),
+        PREFIX + 1,
+        "results stop at the failed message: {results:?}"
+    );
+    for (i, r) in results[..PREFIX].iter().enumerate() {
+        if let Err(e) = r {
+            panic!("message {i} before the poison failed: {e}");
+        }
+    }
+    let e = results[PREFIX]
+        .as_ref()
+        .expect_err("the poison message must fail");
+    assert!(!e.is_retryable(), "permanent: {e}");
+    let c = h.consumer().await.expect("consumer");
+    let mut got = Vec::with_capacity(PREFIX);
+    for _ in 0..PREFIX {
+        let d = receive(c.as_ref()).await;
+        c.ack(&d).await.expect("ack");
+        got.push(d.message.id);
+    }
+    let sent: Vec<MessageId> = chain[..PREFIX].iter().map(|m| m.id).collect();
+    assert_eq!(got, sent, "the confirmed prefix arrives first, in order");
+}
+
+/// Transport 5 (and relay 9): [`Producer::delivery_timeout`] is what
+/// [`TransportHarness::max_delivery_timeout`] says: a bound in `(0, max]` for a transport
+/// that holds sends, `None` for one that holds nothing.
+pub async fn delivery_timeout_bounded(h: &dyn TransportHarness) {
+    let reported = h.producer().delivery_timeout();
+    match h.max_delivery_timeout() {
+        Some(max) => {
+            let d = reported.unwrap_or_else(|| {
+                panic!("the producer must bound how long a send can stay pending (max {max:?})")
+            });
+            assert!(
+                !d.is_zero() && d <= max,
+                "delivery timeout {d:?} must be in (0, {max:?}]"
+            );
+        }
+        None => assert_eq!(
+            reported, None,
+            "a transport that holds no send reports no delivery timeout"
+        ),
     }
 }
 

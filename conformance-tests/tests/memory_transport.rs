@@ -53,6 +53,11 @@ impl TransportHarness for Harness {
     fn max_message_size(&self) -> Option<usize> {
         Some(LIMIT)
     }
+
+    /// A memory send is complete (or failed) when the call returns: nothing stays pending.
+    fn max_delivery_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 async fn setup(ctx: SetupContext) -> Result<Harness> {

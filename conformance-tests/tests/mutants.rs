@@ -1,5 +1,6 @@
 //! The suite must be able to fail: each test here breaks one behaviour of a backend (a
-//! "mutant": a wrapper around the in-memory backend, or a small flawed inbox or lock) and
+//! "mutant": a wrapper around the in-memory backend, a small flawed inbox or lock, or a
+//! flawed producer in front of the in-memory broker) and
 //! checks that the cases meant to catch it panic, while the same cases pass on the unbroken
 //! baseline.
 
@@ -7,13 +8,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outbox_conformance::{BusinessRecords, Fixture, SetupContext, inbox, lock, store, tx};
-use outbox_core::memory::{MemoryStore, MemoryTx};
+use outbox_conformance::{
+    BusinessRecords, Fixture, SetupContext, TransportHarness, inbox, lock, store, transport, tx,
+};
+use outbox_core::memory::{MemoryBroker, MemoryStore, MemoryTx};
 use outbox_core::{
-    Capabilities, Clock, Committed, DateTime, DistributedLock, Error, ErrorKind, FailedAttempt,
-    FailureOutcome, InboxEntry, InboxStore, InsertOutcome, Lease, ListQuery, Message, MessageId,
-    MessageStatus, Ordering, OutboxStats, OutboxStore, PendingQuery, RequeueFilter, Result,
-    StoredMessage, Transaction, TransactionalStore, Utc, add_duration, async_trait, inbox_expiry,
+    Capabilities, Clock, Committed, Consumer, DateTime, DistributedLock, Error, ErrorKind,
+    FailedAttempt, FailureOutcome, InboxEntry, InboxStore, InsertOutcome, Lease, ListQuery,
+    Message, MessageId, MessageStatus, Ordering, OutboxStats, OutboxStore, PendingQuery, Producer,
+    RequeueFilter, Result, StoredMessage, Transaction, TransactionalStore, Utc, add_duration,
+    async_trait, inbox_expiry,
 };
 
 /// One broken behaviour.
@@ -641,6 +645,177 @@ async fn lock_cases_catch_flaws() {
     catches!(Flaw::LockRacy, lock::concurrent_acquire_one_winner);
     catches!(Flaw::LockNoValidation, lock::invalid_input);
     catches!(Flaw::LockRenewKeepsExpiry, lock::renew_extends);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transports: a producer wrapped around the in-memory broker, broken in one way.
+
+/// One broken behaviour of a producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProducerFlaw {
+    /// No flaw: `send_ordered` stops at the first failure, in order, and the delivery
+    /// timeout is bounded.
+    Baseline,
+    /// `send_ordered` publishes the chain back to front (results still in slice order).
+    OrderedReversed,
+    /// `send_ordered` goes on past a failure, publishing and reporting every message.
+    OrderedPastFailure,
+    /// `send_ordered` reports `Ok` for a message that failed.
+    OrderedSwallowsFailure,
+    /// No bound on how long a send can stay pending.
+    DeliveryUnbounded,
+    /// A bound longer than the harness allows.
+    DeliveryTooLong,
+}
+
+/// What the mutant harness allows as delivery timeout (a network transport's bound).
+const MAX_DELIVERY: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+struct FlawedProducer {
+    inner: outbox_core::memory::MemoryProducer,
+    flaw: ProducerFlaw,
+}
+
+#[async_trait]
+impl Producer for FlawedProducer {
+    async fn send(&self, m: &Message) -> Result<()> {
+        self.inner.send(m).await
+    }
+
+    async fn send_ordered(&self, messages: &[Message]) -> Vec<Result<()>> {
+        match self.flaw {
+            ProducerFlaw::OrderedReversed => {
+                let mut results = Vec::new();
+                for m in messages.iter().rev() {
+                    results.push(self.inner.send(m).await);
+                }
+                results.reverse();
+                results
+            }
+            ProducerFlaw::OrderedPastFailure => {
+                let mut results = Vec::new();
+                for m in messages {
+                    results.push(self.inner.send(m).await);
+                }
+                results
+            }
+            ProducerFlaw::OrderedSwallowsFailure => {
+                let mut results = Vec::new();
+                for m in messages {
+                    let failed = self.inner.send(m).await.is_err();
+                    results.push(Ok(()));
+                    if failed {
+                        break;
+                    }
+                }
+                results
+            }
+            _ => self.inner.send_ordered(messages).await,
+        }
+    }
+
+    fn delivery_timeout(&self) -> Option<Duration> {
+        match self.flaw {
+            ProducerFlaw::DeliveryUnbounded => None,
+            ProducerFlaw::DeliveryTooLong => Some(MAX_DELIVERY * 3),
+            _ => Some(MAX_DELIVERY / 2),
+        }
+    }
+}
+
+/// The memory broker behind a [`FlawedProducer`], posing as a network transport (its sends
+/// must be bounded by [`MAX_DELIVERY`]).
+struct MutantTransport {
+    broker: MemoryBroker,
+    topic: String,
+    subscription: String,
+    flaw: ProducerFlaw,
+}
+
+#[async_trait]
+impl TransportHarness for MutantTransport {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn producer(&self) -> Arc<dyn Producer> {
+        Arc::new(FlawedProducer {
+            inner: self.broker.producer(),
+            flaw: self.flaw,
+        })
+    }
+
+    async fn consumer(&self) -> Result<Box<dyn Consumer>> {
+        self.broker.redeliver_unacked(&self.subscription);
+        Ok(Box::new(
+            self.broker.subscribe(&self.subscription, &[&self.topic]),
+        ))
+    }
+
+    async fn dead_letters(&self, _expected: usize) -> Result<Vec<(Message, String)>> {
+        Ok(self.broker.dead_letters(&self.subscription))
+    }
+
+    fn max_message_size(&self) -> Option<usize> {
+        Some(SIZE_LIMIT)
+    }
+
+    fn max_delivery_timeout(&self) -> Option<Duration> {
+        Some(MAX_DELIVERY)
+    }
+}
+
+fn mutant_transport(flaw: ProducerFlaw) -> MutantTransport {
+    let ctx = SetupContext::new("transport_mutant");
+    MutantTransport {
+        broker: MemoryBroker::new().with_max_message_size(SIZE_LIMIT),
+        topic: format!("{}.events", ctx.name),
+        subscription: format!("{}.sub", ctx.name),
+        flaw,
+    }
+}
+
+/// Run `$case` on the baseline producer (must pass) and on `$flaw` (must panic).
+macro_rules! transport_catches {
+    ($flaw:expr, $($case:path),+ $(,)?) => {$({
+        let flaw: ProducerFlaw = $flaw;
+        let case = stringify!($case);
+        for (variant, must_fail) in [(ProducerFlaw::Baseline, false), (flaw, true)] {
+            let harness = mutant_transport(variant);
+            let failed = tokio::spawn(async move { $case(&harness).await }).await.is_err();
+            assert_eq!(
+                failed, must_fail,
+                "{case} on {variant:?}: expected {}",
+                if must_fail { "a failure (the flaw went unnoticed)" } else { "a pass" }
+            );
+        }
+    })+};
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn transport_cases_catch_producer_flaws() {
+    transport_catches!(
+        ProducerFlaw::OrderedReversed,
+        transport::send_ordered_chain_in_order,
+        transport::send_ordered_stops_at_permanent_failure,
+    );
+    transport_catches!(
+        ProducerFlaw::OrderedPastFailure,
+        transport::send_ordered_stops_at_permanent_failure
+    );
+    transport_catches!(
+        ProducerFlaw::OrderedSwallowsFailure,
+        transport::send_ordered_stops_at_permanent_failure
+    );
+    transport_catches!(
+        ProducerFlaw::DeliveryUnbounded,
+        transport::delivery_timeout_bounded
+    );
+    transport_catches!(
+        ProducerFlaw::DeliveryTooLong,
+        transport::delivery_timeout_bounded
+    );
 }
 
 /// Relay flaws, planted process-wide through the `mutants` feature of outbox-core. Only this

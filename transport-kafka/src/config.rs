@@ -10,6 +10,9 @@ use rdkafka::ClientConfig;
 /// The default prefix of environment variables read by [`KafkaConfig::from_env`].
 pub const ENV_PREFIX: &str = "OUTBOX_KAFKA_";
 
+/// Default [`KafkaConfig::with_send_queue_timeout`]: 2 s.
+pub const DEFAULT_SEND_QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// librdkafka's default `message.max.bytes`.
 const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
@@ -47,7 +50,7 @@ impl KafkaConfig {
     pub fn new(bootstrap_servers: impl Into<String>) -> Self {
         KafkaConfig {
             settings: BTreeMap::new(),
-            send_queue_timeout: Duration::from_secs(5),
+            send_queue_timeout: DEFAULT_SEND_QUEUE_TIMEOUT,
         }
         .set("bootstrap.servers", bootstrap_servers)
     }
@@ -119,7 +122,7 @@ impl KafkaConfig {
         }
         Ok(KafkaConfig {
             settings,
-            send_queue_timeout: Duration::from_secs(5),
+            send_queue_timeout: DEFAULT_SEND_QUEUE_TIMEOUT,
         })
     }
 
@@ -134,8 +137,10 @@ impl KafkaConfig {
         self.settings.get(key).map(String::as_str)
     }
 
-    /// How long a send waits for room in librdkafka's local queue
-    /// (`queue.buffering.max.messages`) before failing with a retryable error. Default 5 s.
+    /// How long a send (or a whole `send_ordered` chain) waits for room in librdkafka's local
+    /// queue (`queue.buffering.max.messages`) before failing with a retryable error. Default
+    /// [`DEFAULT_SEND_QUEUE_TIMEOUT`]. It counts towards the producer's
+    /// [`delivery_timeout`](outbox_core::Producer::delivery_timeout).
     pub fn with_send_queue_timeout(mut self, timeout: Duration) -> Self {
         self.send_queue_timeout = timeout;
         self

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use outbox_core::{Consumer, Delivery, Error, ErrorKind, Message, Result};
@@ -11,6 +13,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::producer::FutureProducer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -25,6 +28,12 @@ use crate::producer::{Record, produce};
 /// Suffix of the default dead-letter topic: messages of `orders` go to `orders.dlq`.
 pub const DEFAULT_DLQ_SUFFIX: &str = ".dlq";
 
+/// Default [`ConsumerOptions::commit_every`].
+pub const DEFAULT_COMMIT_EVERY: usize = 256;
+
+/// Default [`ConsumerOptions::commit_interval`].
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
+
 /// What a [`KafkaConsumer`] reads and where its dead letters go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerOptions {
@@ -34,6 +43,12 @@ pub struct ConsumerOptions {
     pub topics: Vec<String>,
     /// One dead-letter topic for all `topics`; `None` (default): `<topic>.dlq` per topic.
     pub dead_letter_topic: Option<String>,
+    /// Commit as soon as this many acks (and dead letters) are uncommitted (default
+    /// [`DEFAULT_COMMIT_EVERY`]). 1: commit after every ack.
+    pub commit_every: usize,
+    /// Commit at the latest this long after an ack (default [`DEFAULT_COMMIT_INTERVAL`]).
+    /// Zero: commit after every ack.
+    pub commit_interval: Duration,
 }
 
 impl ConsumerOptions {
@@ -46,6 +61,8 @@ impl ConsumerOptions {
             group_id: group_id.into(),
             topics: topics.into_iter().map(Into::into).collect(),
             dead_letter_topic: None,
+            commit_every: DEFAULT_COMMIT_EVERY,
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
         }
     }
 
@@ -185,16 +202,26 @@ impl State {
             .is_some_and(|p| p.epoch == epoch)
     }
 
-    /// Offsets that moved past the last commit, optionally only of `only`.
-    fn to_commit(&self, only: Option<&[Tp]>) -> Vec<(Tp, i64)> {
+    /// Offsets that moved past the last commit (every committable one with `all`),
+    /// optionally only of `only`.
+    fn to_commit(&self, only: Option<&[Tp]>, all: bool) -> Vec<(Tp, i64)> {
         self.partitions
             .iter()
             .filter(|(tp, _)| only.is_none_or(|o| o.contains(tp)))
             .filter_map(|(tp, p)| {
                 let c = p.committable()?;
-                (p.committed.is_none_or(|done| c > done)).then(|| (tp.clone(), c))
+                (all || p.committed.is_none_or(|done| c > done)).then(|| (tp.clone(), c))
             })
             .collect()
+    }
+
+    /// Record `offsets` as committed (they only move forward).
+    fn committed(&mut self, offsets: Vec<(Tp, i64)>) {
+        for (tp, offset) in offsets {
+            if let Some(p) = self.partitions.get_mut(&tp) {
+                p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
+            }
+        }
     }
 }
 
@@ -204,6 +231,10 @@ struct Shared {
     /// Serialises commits, so committed offsets only move forward.
     commit_lock: Mutex<()>,
     notify: Notify,
+    /// Acks (and dead letters) settled since the last commit was started.
+    uncommitted: AtomicUsize,
+    /// A timed commit is scheduled.
+    commit_scheduled: AtomicBool,
 }
 
 impl Shared {
@@ -211,14 +242,23 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Commit every settled offset (of `only`, if given), synchronously. Blocking.
+    /// Commit every settled offset (of `only`, if given; with `all` also those this
+    /// consumer believes committed already). With [`CommitMode::Sync`] blocking until the
+    /// broker answered; with [`CommitMode::Async`] the request is only queued, the offsets
+    /// are taken as committed at once, and a failure reported to
+    /// [`ConsumerContext::commit_callback`] makes the next commit send them again.
     fn commit<C: rdkafka::consumer::Consumer<Ctx>>(
         &self,
         consumer: &C,
         only: Option<&[Tp]>,
+        all: bool,
+        mode: CommitMode,
     ) -> Result<()> {
         let _serial = self.commit_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let offsets = self.state().to_commit(only);
+        if only.is_none() {
+            self.uncommitted.store(0, Ordering::SeqCst);
+        }
+        let offsets = self.state().to_commit(only, all);
         if offsets.is_empty() {
             return Ok(());
         }
@@ -227,20 +267,24 @@ impl Shared {
             tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))
                 .map_err(|e| parse_error(e, "building the commit list", None))?;
         }
-        consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+        consumer.commit(&tpl, mode).map_err(|e| {
             parse_error(
                 e,
                 &format!("committing offsets of group {}", self.group_id),
                 None,
             )
         })?;
-        let mut st = self.state();
-        for (tp, offset) in offsets {
-            if let Some(p) = st.partitions.get_mut(&tp) {
-                p.committed = Some(p.committed.map_or(offset, |c| c.max(offset)));
-            }
-        }
+        self.state().committed(offsets);
         Ok(())
+    }
+
+    /// Start an asynchronous commit of everything settled; failures are logged (and the
+    /// offsets sent again with the next commit).
+    fn commit_now<C: rdkafka::consumer::Consumer<Ctx>>(&self, consumer: &C) {
+        if let Err(e) = self.commit(consumer, None, false, CommitMode::Async) {
+            tracing::warn!(group = %self.group_id, error = %e,
+                "offset commit failed; the next commit retries it");
+        }
     }
 }
 
@@ -259,14 +303,37 @@ fn tps(tpl: &TopicPartitionList) -> Vec<Tp> {
 }
 
 impl ConsumerContext for Ctx {
+    /// A failed asynchronous commit: forget that its offsets were committed, so that the
+    /// next commit (timed, by count, or on revocation) sends them again.
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let Err(e) = result else {
+            return;
+        };
+        tracing::warn!(group = %self.shared.group_id, error = %e,
+            "asynchronous offset commit failed; committing again with the next commit");
+        let mut st = self.shared.state();
+        for element in offsets.elements() {
+            let tp = (element.topic().to_owned(), element.partition());
+            if let (Some(p), Offset::Offset(o)) = (st.partitions.get_mut(&tp), element.offset())
+                && p.committed == Some(o)
+            {
+                p.committed = None;
+            }
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 let revoked = tps(tpl);
-                // Commit what was acked before the partitions go to another member, then
-                // forget them: later acks of their deliveries are refused (LeaseLost), and
-                // the new owner redelivers everything not committed here.
-                if let Err(e) = self.shared.commit(consumer, Some(&revoked)) {
+                // Commit what was acked before the partitions go to another member
+                // (synchronously, and all of it: an asynchronous commit still in flight may
+                // yet fail), then forget them: later acks of their deliveries are refused
+                // (LeaseLost), and the new owner redelivers everything not committed here.
+                if let Err(e) = self
+                    .shared
+                    .commit(consumer, Some(&revoked), true, CommitMode::Sync)
+                {
                     tracing::warn!(error = %e, "commit on partition revocation failed; \
                         the new owner redelivers the uncommitted messages");
                 }
@@ -300,9 +367,13 @@ impl ConsumerContext for Ctx {
 ///
 /// - `enable.auto.commit=false` and `enable.auto.offset.store=false` (always), and
 ///   `auto.offset.reset=earliest` unless set: a new group starts at the beginning.
-/// - [`ack`](Consumer::ack) commits (synchronously) the offset up to the **lowest unsettled
-///   offset** of the partition, so out-of-order acks never commit past a message still being
-///   handled; concurrent acks are serialised and share commits.
+/// - Offsets are committed up to the **lowest unsettled offset** of each partition, so
+///   out-of-order acks never commit past a message still being handled. Commits are
+///   asynchronous and batched: [`ack`](Consumer::ack) settles the delivery and returns; the
+///   consumer commits once [`ConsumerOptions::commit_every`] acks are uncommitted, or
+///   [`ConsumerOptions::commit_interval`] after an ack, whichever comes first. A crash
+///   loses at most the acks of that window: they are delivered again (the inbox suppresses
+///   them).
 /// - [`nack`](Consumer::nack) keeps the record in a local redelivery queue that
 ///   [`receive`](Consumer::receive) serves before new records: the next delivery is the same
 ///   message with `attempt + 1`. Its offset stays uncommitted until it is settled.
@@ -359,6 +430,11 @@ impl KafkaConsumer {
         if options.dead_letter_topic.as_deref() == Some("") {
             return Err(Error::invalid_input("dead-letter topic must not be empty"));
         }
+        if options.commit_every == 0 {
+            return Err(Error::invalid_input(
+                "ConsumerOptions::commit_every must be at least 1",
+            ));
+        }
         for (key, value) in FIXED {
             if let Some(v) = config.get(key)
                 && !v.trim().eq_ignore_ascii_case(value)
@@ -379,6 +455,8 @@ impl KafkaConsumer {
             state: Mutex::new(State::default()),
             commit_lock: Mutex::new(()),
             notify: Notify::new(),
+            uncommitted: AtomicUsize::new(0),
+            commit_scheduled: AtomicBool::new(false),
         });
         let consumer: StreamConsumer<Ctx> = config
             .client_config(&overrides)
@@ -422,16 +500,43 @@ impl KafkaConsumer {
         self.closed.cancel();
     }
 
-    /// Commit every acked offset now (acks already do; this retries after a failed commit).
+    /// Commit every acked offset now and wait for the broker's answer (acks are committed
+    /// in batches by themselves; this is for a clean hand-over, or to see a commit error).
     ///
     /// # Errors
     /// The commit failure, classified by [`parse_error`].
     pub async fn commit(&self) -> Result<()> {
         let consumer = Arc::clone(&self.consumer);
         let shared = Arc::clone(&self.shared);
-        tokio::task::spawn_blocking(move || shared.commit(consumer.as_ref(), None))
-            .await
-            .map_err(|e| Error::unexpected("the commit task failed").with_source(e))?
+        tokio::task::spawn_blocking(move || {
+            shared.commit(consumer.as_ref(), None, true, CommitMode::Sync)
+        })
+        .await
+        .map_err(|e| Error::unexpected("the commit task failed").with_source(e))?
+    }
+
+    /// One more settled delivery: commit at once after `commit_every` of them, else make
+    /// sure a commit follows within `commit_interval`.
+    fn commit_soon(&self) {
+        let uncommitted = self.shared.uncommitted.fetch_add(1, Ordering::SeqCst) + 1;
+        if uncommitted >= self.options.commit_every || self.options.commit_interval.is_zero() {
+            self.shared.commit_now(self.consumer.as_ref());
+            return;
+        }
+        if self.shared.commit_scheduled.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let consumer: Weak<StreamConsumer<Ctx>> = Arc::downgrade(&self.consumer);
+        let shared = Arc::downgrade(&self.shared);
+        let interval = self.options.commit_interval;
+        tokio::spawn(async move {
+            tokio::time::sleep(interval).await;
+            // Gone: dropping the consumer committed on leaving the group.
+            if let (Some(consumer), Some(shared)) = (consumer.upgrade(), shared.upgrade()) {
+                shared.commit_scheduled.store(false, Ordering::SeqCst);
+                shared.commit_now(consumer.as_ref());
+            }
+        });
     }
 
     /// Where the record of the outstanding delivery `d` is; `None` once it was settled or
@@ -527,7 +632,8 @@ impl KafkaConsumer {
         match self.produce_dead_letter(&raw, reason, 1).await {
             Ok(()) => {
                 self.settle(&raw, epoch);
-                self.commit().await
+                self.commit_soon();
+                Ok(())
             }
             Err(e) => {
                 self.requeue(raw, epoch);
@@ -671,15 +777,18 @@ impl Consumer for KafkaConsumer {
         }
     }
 
-    /// Settle the delivery and commit its partition up to the lowest unsettled offset.
+    /// Settle the delivery; its partition is committed up to the lowest unsettled offset
+    /// with the next batched commit ([`ConsumerOptions::commit_every`] /
+    /// [`commit_interval`](ConsumerOptions::commit_interval)). Commit failures are logged
+    /// and retried with the next commit.
     ///
     /// # Errors
-    /// `LeaseLost` if the delivery is unknown or its partition was revoked; a retryable error
-    /// if the commit failed (the ack stands locally and is committed with the next commit).
+    /// `LeaseLost` if the delivery is unknown or its partition was revoked.
     async fn ack(&self, delivery: &Delivery) -> Result<()> {
         let f = self.take(delivery, "ack")?;
         self.settle(&f.raw, f.epoch);
-        self.commit().await
+        self.commit_soon();
+        Ok(())
     }
 
     /// Queue the record for redelivery with `attempt + 1`, ahead of new records.
@@ -692,7 +801,8 @@ impl Consumer for KafkaConsumer {
         Ok(())
     }
 
-    /// Produce the record to the dead-letter topic with `reason`, then settle and commit it.
+    /// Produce the record to the dead-letter topic with `reason`, then settle it (committed
+    /// as an ack is).
     ///
     /// # Errors
     /// `LeaseLost` as for `ack`; a failed dead-letter produce (the record is then queued for
@@ -705,7 +815,8 @@ impl Consumer for KafkaConsumer {
         }
         tracing::debug!(message_id = %f.message.id, %reason, "message dead-lettered");
         self.settle(&f.raw, f.epoch);
-        self.commit().await
+        self.commit_soon();
+        Ok(())
     }
 }
 

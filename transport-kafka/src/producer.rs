@@ -7,9 +7,10 @@ use async_trait::async_trait;
 use outbox_core::{Error, Message, Producer, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
+use tokio::time::Instant;
 
 use crate::config::KafkaConfig;
 use crate::error::parse_error;
@@ -21,6 +22,18 @@ const FIXED: &[(&str, &[&str], &str)] = &[
     ("acks", &["all", "-1"], "all"),
 ];
 
+/// Default `message.timeout.ms` of the producer (librdkafka: 300 s): with the default
+/// [`DEFAULT_SEND_QUEUE_TIMEOUT`](crate::DEFAULT_SEND_QUEUE_TIMEOUT) the
+/// [`delivery_timeout`](Producer::delivery_timeout) is 10 s, the relay's default
+/// `publish_timeout`.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Default `linger.ms` of the producer: how long librdkafka waits to fill a batch.
+pub const DEFAULT_LINGER_MS: u32 = 1;
+
+/// How long an enqueue waits before trying again while librdkafka's queue is full.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(10);
+
 /// A [`Producer`] on an idempotent rdkafka `FutureProducer`.
 ///
 /// - Always `enable.idempotence=true` and `acks=all` (other values are rejected): a broker
@@ -31,8 +44,12 @@ const FIXED: &[(&str, &[&str], &str)] = &[
 ///   (many in flight, batched by librdkafka) and waits for all reports.
 /// - The message key is the record key, so one key's messages land in one partition, in
 ///   send order. The rest of the message travels in headers ([`headers`](crate::headers)).
-/// - `message.timeout.ms` defaults to 30 s here (librdkafka: 300 s); a send fails with a
-///   retryable error after it.
+/// - [`send_ordered`](Producer::send_ordered) enqueues a whole chain at once, in order
+///   (the idempotent producer keeps a partition's order across its retries).
+/// - `message.timeout.ms` defaults to [`DEFAULT_MESSAGE_TIMEOUT`] and `linger.ms` to
+///   [`DEFAULT_LINGER_MS`] here; a send fails with a retryable error after the timeout.
+///   [`delivery_timeout`](Producer::delivery_timeout) is the queue wait plus
+///   `message.timeout.ms`.
 /// - Errors come from [`parse_error`].
 ///
 /// Clones share one librdkafka client.
@@ -41,6 +58,8 @@ pub struct KafkaProducer {
     producer: FutureProducer,
     config: KafkaConfig,
     max_bytes: usize,
+    /// `message.timeout.ms`; `None` for 0 (no limit).
+    message_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -73,9 +92,17 @@ impl KafkaProducer {
                 None => overrides.push((key, default)),
             }
         }
-        if config.get("message.timeout.ms").is_none() && config.get("delivery.timeout.ms").is_none()
-        {
-            overrides.push(("message.timeout.ms", "30000"));
+        let default_timeout = DEFAULT_MESSAGE_TIMEOUT.as_millis().to_string();
+        let message_timeout = match message_timeout_ms(config)? {
+            Some(ms) => ms,
+            None => {
+                overrides.push(("message.timeout.ms", &default_timeout));
+                u64::try_from(DEFAULT_MESSAGE_TIMEOUT.as_millis()).unwrap_or(u64::MAX)
+            }
+        };
+        let default_linger = DEFAULT_LINGER_MS.to_string();
+        if config.get("linger.ms").is_none() && config.get("queue.buffering.max.ms").is_none() {
+            overrides.push(("linger.ms", &default_linger));
         }
         let producer: FutureProducer = config
             .client_config(&overrides)
@@ -85,7 +112,14 @@ impl KafkaProducer {
             producer,
             config: config.clone(),
             max_bytes,
+            message_timeout: (message_timeout > 0).then(|| Duration::from_millis(message_timeout)),
         })
+    }
+
+    /// Messages handed to librdkafka and not yet delivered or failed (queued or in flight),
+    /// across all topics (`rd_kafka_outq_len`).
+    pub fn in_flight(&self) -> usize {
+        usize::try_from(rdkafka::producer::Producer::in_flight_count(&self.producer)).unwrap_or(0)
     }
 
     /// The configuration the producer was built with.
@@ -185,15 +219,29 @@ impl Record {
     }
 }
 
-/// Produce `record` and wait for its delivery report. Shared by the producer and the
-/// consumer's dead-letter path.
-pub(crate) async fn produce(
+/// `message.timeout.ms` (or its alias `delivery.timeout.ms`) as set on `config`.
+fn message_timeout_ms(config: &KafkaConfig) -> Result<Option<u64>> {
+    let Some((key, v)) = ["message.timeout.ms", "delivery.timeout.ms"]
+        .into_iter()
+        .find_map(|k| config.get(k).map(|v| (k, v)))
+    else {
+        return Ok(None);
+    };
+    v.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| Error::config(format!("{key} must be a number of milliseconds, got {v:?}")))
+}
+
+/// Hand `record` to librdkafka, waiting (until `enqueue_by`) while its local queue is full.
+/// Records enqueued one after another keep that order in their partition.
+pub(crate) async fn enqueue(
     producer: &FutureProducer,
     record: &Record,
     max_bytes: usize,
-    queue_timeout: Duration,
+    enqueue_by: Instant,
     context: &str,
-) -> Result<()> {
+) -> Result<DeliveryFuture> {
     let size = record.size();
     if size > max_bytes {
         return Err(Error::payload_too_large(size, max_bytes).set_retryable(false));
@@ -204,10 +252,54 @@ pub(crate) async fn produce(
     if let Some(k) = &record.key {
         fr = fr.key(k.as_slice());
     }
-    match producer.send(fr, Timeout::After(queue_timeout)).await {
-        Ok(_) => Ok(()),
-        Err((e, _)) => Err(parse_error(e, context, Some((size, max_bytes)))),
+    loop {
+        match producer.send_result(fr) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if Instant::now() < enqueue_by =>
+            {
+                fr = back;
+                tokio::time::sleep(QUEUE_FULL_RETRY).await;
+            }
+            Err((e, _)) => return Err(parse_error(e, context, Some((size, max_bytes)))),
+        }
     }
+}
+
+/// Wait for the delivery report of an enqueued record of `size` bytes.
+pub(crate) async fn delivered(
+    delivery: DeliveryFuture,
+    size: usize,
+    max_bytes: usize,
+    context: &str,
+) -> Result<()> {
+    match delivery.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(parse_error(e, context, Some((size, max_bytes)))),
+        Err(_) => Err(Error::unavailable(format!(
+            "{context}: the producer was dropped before the delivery report"
+        ))),
+    }
+}
+
+/// Produce `record` and wait for its delivery report. Shared by the producer and the
+/// consumer's dead-letter path.
+pub(crate) async fn produce(
+    producer: &FutureProducer,
+    record: &Record,
+    max_bytes: usize,
+    queue_timeout: Duration,
+    context: &str,
+) -> Result<()> {
+    let delivery = enqueue(
+        producer,
+        record,
+        max_bytes,
+        Instant::now() + queue_timeout,
+        context,
+    )
+    .await?;
+    delivered(delivery, record.size(), max_bytes, context).await
 }
 
 #[async_trait]
@@ -235,12 +327,89 @@ impl Producer for KafkaProducer {
     async fn send_batch(&self, messages: &[Message]) -> Vec<Result<()>> {
         futures::future::join_all(messages.iter().map(|m| self.send(m))).await
     }
+
+    /// Enqueue the whole chain at once, in slice order, then collect the delivery reports in
+    /// order, stopping at the first failure.
+    ///
+    /// - Per partition, the broker writes the records in slice order (idempotent producer).
+    ///   A chain spanning several topics keeps the order within each topic's partition only.
+    /// - Enqueuing stops at a message that cannot be enqueued (invalid, over
+    ///   `message.max.bytes`, queue still full after the send queue timeout): neither it nor
+    ///   anything after it is sent.
+    /// - Records enqueued after a record that then fails are not recalled: see the crate
+    ///   README for when they may still be written.
+    async fn send_ordered(&self, messages: &[Message]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(messages.len());
+        let enqueue_by = Instant::now() + self.config.send_queue_timeout();
+        let mut enqueued = Vec::with_capacity(messages.len());
+        let mut stopped = None;
+        for message in messages {
+            if let Err(e) = message.validate() {
+                stopped = Some(e);
+                break;
+            }
+            let record = Record::of(message);
+            let context = format!("sending message {} to topic {}", message.id, message.topic);
+            match enqueue(
+                &self.producer,
+                &record,
+                self.max_bytes,
+                enqueue_by,
+                &context,
+            )
+            .await
+            {
+                Ok(delivery) => enqueued.push((delivery, record.size(), context)),
+                Err(e) => {
+                    stopped = Some(e);
+                    break;
+                }
+            }
+        }
+        for (delivery, size, context) in enqueued {
+            let r = delivered(delivery, size, self.max_bytes, &context).await;
+            let failed = r.is_err();
+            results.push(r);
+            if failed {
+                return results;
+            }
+        }
+        if let Some(e) = stopped {
+            results.push(Err(e));
+        }
+        results
+    }
+
+    /// The send queue timeout plus `message.timeout.ms`: a record is enqueued within the
+    /// first and abandoned by librdkafka after the second (see the crate README for a
+    /// request already on the wire). `None` when `message.timeout.ms` is 0 (no limit).
+    fn delivery_timeout(&self) -> Option<Duration> {
+        self.message_timeout
+            .map(|t| t.saturating_add(self.config.send_queue_timeout()))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use outbox_core::ErrorKind;
+
+    #[tokio::test]
+    async fn delivery_timeout_is_queue_wait_plus_message_timeout() {
+        let p = KafkaProducer::new(&KafkaConfig::new("127.0.0.1:1")).unwrap();
+        assert_eq!(p.delivery_timeout(), Some(Duration::from_secs(10)));
+        let c = KafkaConfig::new("127.0.0.1:1")
+            .set("delivery.timeout.ms", "3000")
+            .with_send_queue_timeout(Duration::from_millis(500));
+        let p = KafkaProducer::new(&c).unwrap();
+        assert_eq!(p.delivery_timeout(), Some(Duration::from_millis(3500)));
+        let c = KafkaConfig::new("127.0.0.1:1").set("message.timeout.ms", "0");
+        assert_eq!(KafkaProducer::new(&c).unwrap().delivery_timeout(), None);
+        let c = KafkaConfig::new("127.0.0.1:1").set("message.timeout.ms", "soon");
+        let e = KafkaProducer::new(&c).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+        assert!(e.to_string().contains("message.timeout.ms"), "{e}");
+    }
 
     #[tokio::test]
     async fn security_settings_pass_through_to_librdkafka() {

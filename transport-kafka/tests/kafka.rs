@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{KafkaHarness, MAX_BYTES, brokers_or_skip, read_partition, unique};
+use common::{
+    KafkaHarness, MAX_BYTES, WAIT, brokers_or_skip, msg, read_partition, receive, unique,
+};
 use outbox_core::{
     CancellationToken, Consumer, Delivery, ErrorKind, Message, MessageType, Producer, Utc,
 };
@@ -17,35 +19,6 @@ use outbox_kafka::rdkafka::Message as _;
 use outbox_kafka::rdkafka::message::{Headers as _, OwnedHeaders};
 use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
 use outbox_kafka::{ConsumerOptions, KafkaConfig, KafkaConsumer, KafkaProducer, headers};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-async fn receive(c: &dyn Consumer) -> Delivery {
-    tokio::time::timeout(WAIT, c.receive())
-        .await
-        .expect("a delivery within 60 s")
-        .expect("receive")
-        .expect("consumer open")
-}
-
-fn msg(topic: &str, key: &str, body: &str) -> Message {
-    Message::builder(topic)
-        .key(key)
-        .payload(body.as_bytes().to_vec())
-        .build()
-        .unwrap()
-}
-
-macro_rules! harness {
-    ($name:literal, $partitions:expr) => {{
-        if brokers_or_skip($name).is_none() {
-            return;
-        }
-        KafkaHarness::new(&unique($name), $partitions)
-            .await
-            .expect("create topics")
-    }};
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn round_trip_every_field_and_wire_format() {

@@ -29,7 +29,8 @@ pub struct ConsumerConfig {
     pub connection: ConnectionConfig,
     /// The queue to consume. Use a quorum queue (see [`QueueType`](crate::QueueType)).
     pub queue: String,
-    /// Most deliveries handed out and not yet acked (`basic.qos` prefetch, default 16).
+    /// Most deliveries handed out and not yet acked (`basic.qos` prefetch, default 64). Set
+    /// it at least to the number of deliveries the processor handles at once.
     /// Use 1 with a single consumer for strict per-queue order across nacks.
     pub prefetch: u16,
     /// Exchange that [`Consumer::dead_letter`] publishes to (default `<queue>.dlx`, as
@@ -52,7 +53,7 @@ impl ConsumerConfig {
             dead_letter_exchange: format!("{queue}.dlx"),
             dead_letter_routing_key: queue.clone(),
             queue,
-            prefetch: 16,
+            prefetch: 64,
             confirm_timeout: Duration::from_secs(30),
         }
     }

@@ -25,6 +25,8 @@ pub(crate) enum Failure {
     Timeout(Duration),
     /// The channel was not in confirm mode, so the broker did not confirm the publish.
     NotConfirmed,
+    /// The channel went away before the broker confirmed the publish.
+    Unconfirmed,
 }
 
 impl From<lapin::Error> for Failure {
@@ -64,6 +66,10 @@ pub(crate) fn parse_error(failure: Failure, context: &str) -> Error {
         )),
         Failure::NotConfirmed => Error::unavailable(format!(
             "{context}: the channel was not in confirm mode; the publish is unconfirmed"
+        )),
+        Failure::Unconfirmed => Error::unavailable(format!(
+            "{context}: the channel closed before the broker confirmed the publish; it may \
+             or may not have been stored"
         )),
         Failure::Timeout(d) => Error::unavailable(format!(
             "{context}: no answer from the broker within {} ms",

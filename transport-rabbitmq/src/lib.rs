@@ -16,6 +16,8 @@ pub use codec::{
 };
 pub use conn::ConnectionConfig;
 pub use consumer::{ConsumerConfig, DeadLetter, RabbitMqConsumer, fetch_dead_letters};
-pub use producer::{DEFAULT_MAX_MESSAGE_SIZE, ProducerConfig, RabbitMqProducer, Route};
+pub use producer::{
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_WINDOW, MAX_WINDOW, ProducerConfig, RabbitMqProducer, Route,
+};
 pub use topology::{ExchangeType, QueueType, Topology, declare_topology, delete_topology};
 pub use url::AmqpUrl;

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Isolated, kill_connections, unique, url_or_skip};
+use common::{kill_connections, msg};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::AMQPValue;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -21,29 +21,12 @@ use outbox_rabbitmq::{
     AmqpUrl, ConnectionConfig, ProducerConfig, RabbitMqProducer, fetch_dead_letters,
 };
 
-macro_rules! isolated {
-    ($test:literal) => {
-        match url_or_skip($test) {
-            Some(url) => Isolated::new(url, &unique($test)).await.unwrap(),
-            None => return,
-        }
-    };
-}
-
 async fn receive(c: &dyn Consumer) -> Delivery {
     tokio::time::timeout(Duration::from_secs(30), c.receive())
         .await
         .expect("a delivery within 30 s")
         .unwrap()
         .expect("consumer not closed")
-}
-
-fn msg(topic: &str, key: &str, body: &str) -> Message {
-    Message::builder(topic)
-        .key(key)
-        .payload(body.as_bytes().to_vec())
-        .build()
-        .unwrap()
 }
 
 /// Every field, including values AMQP cannot carry as they are (application headers named
@@ -498,4 +481,36 @@ async fn broker_enforced_max_message_size_is_permanent() {
     assert!(!e.is_retryable());
     drop(big);
     p.send(&msg(iso.topic(), "k", "small")).await.unwrap();
+}
+
+/// Deliveries are handed out while earlier ones are still unacked (up to the prefetch), so
+/// a processor can handle several at once; acks in any order settle each one, and nothing
+/// comes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_deliveries_in_hand_at_once_acked_out_of_order() {
+    let iso = isolated!("in_hand");
+    let p = iso.producer();
+    let sent: Vec<Message> = (0..20)
+        .map(|i| msg(iso.topic(), &format!("k{i}"), "x"))
+        .collect();
+    for r in p.send_batch(&sent).await {
+        r.unwrap();
+    }
+    let c = iso.consumer().await.unwrap();
+    assert!(
+        c.config().prefetch >= 20,
+        "default prefetch {}",
+        c.config().prefetch
+    );
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(receive(&c).await);
+    }
+    let ids: HashSet<MessageId> = held.iter().map(|d| d.message.id).collect();
+    assert_eq!(ids, sent.iter().map(|m| m.id).collect::<HashSet<_>>());
+    for d in held.iter().rev() {
+        c.ack(d).await.unwrap();
+    }
+    let again = tokio::time::timeout(Duration::from_millis(500), c.receive()).await;
+    assert!(again.is_err(), "nothing is delivered again: {again:?}");
 }

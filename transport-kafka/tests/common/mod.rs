@@ -6,11 +6,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_conformance::TransportHarness;
-use outbox_core::{Consumer, Error, Message, Producer, Result, async_trait};
+use outbox_core::{Consumer, Delivery, Error, Message, Producer, Result, async_trait};
 use outbox_kafka::rdkafka::Message as _;
 use outbox_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
 use outbox_kafka::rdkafka::{Offset, TopicPartitionList};
 use outbox_kafka::{ConsumerOptions, DeadLetter, KafkaConfig, KafkaConsumer, KafkaProducer};
+
+/// The harness of a test named `$name` with a fresh topic of `$partitions` partitions; the
+/// test returns (skipped) when no broker is configured.
+#[macro_export]
+macro_rules! harness {
+    ($name:literal, $partitions:expr) => {{
+        if $crate::common::brokers_or_skip($name).is_none() {
+            return;
+        }
+        $crate::common::KafkaHarness::new(&$crate::common::unique($name), $partitions)
+            .await
+            .expect("create topics")
+    }};
+}
+
+/// How long a test waits for one delivery.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The next delivery, within [`WAIT`].
+pub async fn receive(c: &dyn Consumer) -> Delivery {
+    tokio::time::timeout(WAIT, c.receive())
+        .await
+        .expect("a delivery within 60 s")
+        .expect("receive")
+        .expect("consumer open")
+}
+
+/// A message of `topic` with `key` and `body`.
+pub fn msg(topic: &str, key: &str, body: &str) -> Message {
+    Message::builder(topic)
+        .key(key)
+        .payload(body.as_bytes().to_vec())
+        .build()
+        .unwrap()
+}
 
 /// Where the broker is.
 pub const BROKERS_ENV: &str = "OUTBOX_TEST_KAFKA_BROKERS";
@@ -191,5 +226,10 @@ impl TransportHarness for KafkaHarness {
 
     fn max_message_size(&self) -> Option<usize> {
         Some(MAX_BYTES)
+    }
+
+    /// The relay's default `publish_timeout`.
+    fn max_delivery_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(10))
     }
 }

@@ -13,6 +13,29 @@ use outbox_rabbitmq::{
     Topology, declare_topology, delete_topology, fetch_dead_letters,
 };
 
+/// The [`Isolated`] topology of a test named `$test`; the test returns (skipped) when no
+/// broker is configured.
+#[macro_export]
+macro_rules! isolated {
+    ($test:literal) => {
+        match $crate::common::url_or_skip($test) {
+            Some(url) => $crate::common::Isolated::new(url, &$crate::common::unique($test))
+                .await
+                .unwrap(),
+            None => return,
+        }
+    };
+}
+
+/// A message of `topic` with `key` and `body`.
+pub fn msg(topic: &str, key: &str, body: &str) -> Message {
+    Message::builder(topic)
+        .key(key)
+        .payload(body.as_bytes().to_vec())
+        .build()
+        .unwrap()
+}
+
 /// Where the broker is.
 pub const URL_ENV: &str = "OUTBOX_TEST_RABBITMQ_URL";
 
@@ -182,6 +205,11 @@ impl TransportHarness for Harness {
     /// about a second.
     fn max_message_size(&self) -> Option<usize> {
         Some(outbox_rabbitmq::DEFAULT_MAX_MESSAGE_SIZE)
+    }
+
+    /// The relay's default `publish_timeout`.
+    fn max_delivery_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(10))
     }
 }
 
