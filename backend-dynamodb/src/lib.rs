@@ -31,9 +31,12 @@ pub use store::{
     BATCH_GET_LIMIT, BATCH_WRITE_LIMIT, DynamoDbStore, LOCATOR_CAPACITY, MAX_MESSAGE_SIZE,
     local_client,
 };
-pub use stream::{StreamListener, shards_in_keys};
+pub use stream::{StreamListener, local_streams_client, shards_in_keys};
 pub use uow::{DynamoDbUnitOfWork, MAX_TRANSACTION_ACTIONS, MAX_TRANSACTION_BYTES};
 
+/// Re-exported (feature `lambda`) so callers name the same event types.
+#[cfg(feature = "lambda")]
+pub use aws_lambda_events;
 /// Re-exported so callers build their unit-of-work entries with the same SDK version.
 pub use aws_sdk_dynamodb;
 /// Re-exported so callers build the stream listener's client with the same SDK version.

@@ -20,6 +20,24 @@ where
     Error::unavailable(format!("DynamoDB Streams: {what} failed")).with_source(e)
 }
 
+/// A DynamoDB Streams client for a local endpoint (moto): region `us-east-1`, dummy
+/// credentials (like [`local_client`](crate::local_client)).
+pub fn local_streams_client(endpoint: &str) -> StreamsClient {
+    let conf = aws_sdk_dynamodbstreams::Config::builder()
+        .behavior_version(aws_sdk_dynamodbstreams::config::BehaviorVersion::latest())
+        .region(aws_sdk_dynamodbstreams::config::Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_dynamodbstreams::config::Credentials::new(
+            "local",
+            "local",
+            None,
+            None,
+            "outbox-local",
+        ))
+        .build();
+    StreamsClient::from_conf(conf)
+}
+
 /// The outbox shard named by a stream record's keys, if the record is a message's queue item
 /// (`pk = q#<shard>`, `sk` below the meta slot).
 pub fn shards_in_keys(pk: Option<&str>, sk: Option<&str>) -> Option<u32> {
