@@ -195,6 +195,14 @@ impl DynamoDbUnitOfWork {
             .collect()
     }
 
+    /// Bytes of the transaction as counted here (a lower bound for your updates and checks).
+    fn size_estimate(&self) -> usize {
+        self.caller_bytes
+            + self.message_bytes
+            + self.messages.len() * GUARD_BYTES
+            + self.inbox.len() * 128
+    }
+
     fn check_limits(&self) -> Result<()> {
         let count = self.action_count();
         if count > MAX_TRANSACTION_ACTIONS {
@@ -211,10 +219,7 @@ impl DynamoDbUnitOfWork {
                 ),
             ));
         }
-        let size = self.caller_bytes
-            + self.message_bytes
-            + self.messages.len() * GUARD_BYTES
-            + self.inbox.len() * 128;
+        let size = self.size_estimate();
         if size > MAX_TRANSACTION_BYTES {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge {
@@ -441,6 +446,24 @@ impl DynamoDbUnitOfWork {
                     return Ok(Attempt::Done);
                 }
                 return Err(parse_error(err));
+            }
+            if code.as_deref() == Some("ValidationException")
+                && err.message().is_some_and(|m| {
+                    m.contains("4 MB") || m.contains("larger than") || m.contains("size")
+                })
+            {
+                let size = self.size_estimate();
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge {
+                        size,
+                        limit: MAX_TRANSACTION_BYTES,
+                    },
+                    format!(
+                        "DynamoDB refused the transaction as too large (estimated {size} bytes here; DynamoDB also counts the stored items your updates and condition checks touch); nothing was written: {}",
+                        aws_sdk_dynamodb::error::DisplayErrorContext(&err)
+                    ),
+                )
+                .with_source(err));
             }
             let e = parse_error(err);
             // Throttling, 5xx, timeouts, TransactionInProgress: the request may or may not have
