@@ -242,6 +242,42 @@ pub(crate) fn slot_of(item: &Item) -> Result<u64> {
     get_n::<u64>(item, SK)?.ok_or_else(|| Error::unexpected("queue item without a slot"))
 }
 
+/// How many of `items` (in slot order) `fetch_pending` could return: due pending messages
+/// whose key is not blocked by an earlier parked, undecodable or waiting message (`PerKey`).
+fn count_candidates<'a>(
+    items: impl Iterator<Item = &'a Item>,
+    per_key: bool,
+    now_us: i64,
+) -> usize {
+    let mut blocked: HashSet<&str> = HashSet::new();
+    let mut count = 0;
+    for i in items {
+        let key = get_s(i, KEY);
+        let at = |name: &str| get_n::<i64>(i, name).ok().flatten();
+        match get_s(i, STATUS) {
+            Some("dispatched") => {}
+            Some("pending") => {
+                if per_key && key.is_some_and(|k| blocked.contains(k)) {
+                    continue;
+                }
+                let due = at(codec::DELIVER_AFTER).is_none_or(|t| t <= now_us)
+                    && at(codec::NEXT_ATTEMPT).is_none_or(|t| t <= now_us);
+                if due {
+                    count += 1;
+                } else if per_key {
+                    blocked.extend(key);
+                }
+            }
+            _ => {
+                if per_key {
+                    blocked.extend(key);
+                }
+            }
+        }
+    }
+    count
+}
+
 fn query_units(o: &QueryOutput) -> Units {
     Units::read(read_units(o.items().iter().map(codec::item_size).sum()))
 }
@@ -534,14 +570,13 @@ impl DynamoDbStore {
         let per_key = ordering == Ordering::PerKey;
         let now_us = now.timestamp_micros();
         let page = i32::try_from(limit.clamp(25, 1000)).unwrap_or(1000);
-        // Rough early stop: enough due items read (the exact choice is made below).
+        // Stop reading once `limit` messages could be returned (the exact choice is made
+        // below): items waiting for a retry, and messages of keys blocked by an earlier
+        // parked or waiting one, never stop the read, so they cannot starve what is behind.
+        let hole_items = items.clone();
         let range = self
-            .query_after(shard, cursor, page, "fetch_pending", |items| {
-                items
-                    .iter()
-                    .filter(|i| get_s(i, STATUS) == Some("pending"))
-                    .count()
-                    >= limit
+            .query_after(shard, cursor, page, "fetch_pending", |read| {
+                count_candidates(hole_items.iter().chain(read), per_key, now_us) >= limit
             })
             .await?;
         let meta = range

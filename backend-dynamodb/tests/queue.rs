@@ -362,3 +362,46 @@ async fn the_stream_listener_wakes_the_relay_for_exactly_the_new_shards() {
         "the stream wake-up published the message without a poll"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_blocked_key_does_not_starve_the_keys_behind_it() {
+    let Some(ep) = endpoint_or_skip("starve") else {
+        return;
+    };
+    let clock = ManualClock::new();
+    let (store, _t) = one_shard(&ep, "starve", &clock).await;
+    let head = msg("k");
+    store.add(&head).await.unwrap();
+    store
+        .mark_failed(
+            head.id,
+            &FailedAttempt {
+                error: "retry later".into(),
+                next_attempt_at: clock.now() + chrono::Duration::hours(1),
+                max_attempts: 10,
+            },
+        )
+        .await
+        .unwrap();
+    // More than one page of the relay's read (25 items at limit 2) of the blocked key.
+    let blocked: Vec<Message> = (0..30).map(|_| msg("k")).collect();
+    store.add_batch(&blocked).await.unwrap();
+    let other = msg("other");
+    store.add(&other).await.unwrap();
+    let got: Vec<Message> = store
+        .fetch_pending(&PendingQuery {
+            shards: vec![0],
+            limit: 2,
+            ordering: Ordering::PerKey,
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message)
+        .collect();
+    assert_eq!(
+        got,
+        vec![other],
+        "the read goes past the blocked key's messages"
+    );
+}
