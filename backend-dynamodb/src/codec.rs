@@ -14,6 +14,8 @@ use outbox_core::{
 
 pub(crate) const PK: &str = "pk";
 pub(crate) const SK: &str = "sk";
+/// The message id on a queue item (its key is the shard and slot).
+pub(crate) const ID: &str = "i";
 pub(crate) const TOPIC: &str = "t";
 pub(crate) const KEY: &str = "k";
 pub(crate) const PAYLOAD: &str = "p";
@@ -36,19 +38,38 @@ pub(crate) const LAST_ERROR: &str = "le";
 pub(crate) const DISPATCHED_AT: &str = "dd";
 /// DynamoDB TTL attribute (epoch seconds), on dispatched messages and inbox entries only.
 pub(crate) const TTL: &str = "ttl";
-/// Partition key of the sparse pending index (the shard), present only while pending.
-pub(crate) const PENDING_PK: &str = "pp";
-/// Partition key of the sparse parked index (the shard), present only while parked.
-pub(crate) const PARKED_PK: &str = "pq";
+/// On a guard item: the slot of the message in its shard's queue.
+pub(crate) const SLOT: &str = "sl";
+/// On a shard's meta item: the cursor (every slot up to it is dispatched or a hole).
+pub(crate) const CURSOR: &str = "c";
+/// On a shard's meta item: the sequence of the message at the cursor.
+pub(crate) const CURSOR_SEQ: &str = "cq";
+/// On a shard's meta item: slots at or below the cursor that are not dispatched (parked).
+pub(crate) const HOLES: &str = "hl";
+/// On a shard's meta item: the highest slot ever used, kept when `purge_dispatched` deletes
+/// the last item of a queue (writers never reuse a slot).
+pub(crate) const HIGH_WATER: &str = "hw";
+/// On a shard's meta item: the sequence at the high-water slot.
+pub(crate) const HIGH_WATER_SEQ: &str = "hq";
+/// On the table meta item: the shard count the table was created with.
+pub(crate) const SHARD_COUNT: &str = "sc";
+/// Set on a queue item that could not be decoded and was parked.
+pub(crate) const POISON: &str = "pz";
 /// Expiry (epoch microseconds) of inbox entries and leases.
 pub(crate) const EXPIRES: &str = "ex";
 pub(crate) const OWNER: &str = "ow";
 pub(crate) const TOKEN: &str = "tk";
 
-/// Name of the sparse pending index.
-pub const PENDING_INDEX: &str = "pending";
-/// Name of the sparse parked index.
-pub const PARKED_INDEX: &str = "parked";
+/// Sort key of each shard's meta item (cursor and holes), above every message slot.
+pub const META_SLOT: u64 = u64::MAX;
+/// Highest slot a message can take in its shard's queue.
+pub const MAX_SLOT: u64 = META_SLOT - 1;
+/// Partition key of the table's own meta item (shard count, schema version).
+pub(crate) const TABLE_META_PK: &str = "#table";
+/// Prefix of queue partitions (`q#<shard>`).
+pub(crate) const QUEUE_PREFIX: &str = "q#";
+/// Prefix of id guard items (`m#<id>`).
+pub(crate) const GUARD_PREFIX: &str = "m#";
 
 /// Item of the outbox table.
 pub(crate) type Item = HashMap<String, AttributeValue>;
@@ -74,15 +95,58 @@ pub(crate) fn micros(t: DateTime<Utc>) -> AttributeValue {
     n(t.timestamp_micros())
 }
 
-/// The partition key of a message's counter item (never a UUID, so never a message).
-pub(crate) fn counter_pk(shard: u32) -> String {
-    format!("#seq#{shard}")
+/// Partition key of a shard's queue.
+pub(crate) fn queue_pk(shard: u32) -> String {
+    format!("{QUEUE_PREFIX}{shard}")
 }
 
-/// Encode a message as a new pending item with sequence `seq`.
-pub(crate) fn encode_new(message: &Message, shard: u32, seq: u64) -> Item {
-    let mut item = Item::new();
-    item.insert(PK.into(), s(message.id.to_string()));
+/// The shard of a queue partition key (`None` for any other item).
+pub(crate) fn shard_of_pk(pk: &str) -> Option<u32> {
+    pk.strip_prefix(QUEUE_PREFIX)?.parse().ok()
+}
+
+/// Partition key of a message's id guard.
+pub(crate) fn guard_pk(id: &MessageId) -> String {
+    format!("{GUARD_PREFIX}{id}")
+}
+
+/// Key of a queue item.
+pub(crate) fn queue_key(shard: u32, slot: u64) -> Item {
+    let mut k = Item::new();
+    k.insert(PK.into(), s(queue_pk(shard)));
+    k.insert(SK.into(), n(slot));
+    k
+}
+
+/// Key of a message's id guard.
+pub(crate) fn guard_key(id: &MessageId) -> Item {
+    let mut k = Item::new();
+    k.insert(PK.into(), s(guard_pk(id)));
+    k.insert(SK.into(), n(0));
+    k
+}
+
+/// Key of the table meta item.
+pub(crate) fn table_meta_key() -> Item {
+    let mut k = Item::new();
+    k.insert(PK.into(), s(TABLE_META_PK));
+    k.insert(SK.into(), n(0));
+    k
+}
+
+/// The id guard of a message at `(shard, slot)`, deleted by TTL at `ttl` (epoch seconds).
+pub(crate) fn encode_guard(id: &MessageId, shard: u32, slot: u64, ttl: i64) -> Item {
+    let mut item = guard_key(id);
+    item.insert(SHARD.into(), n(shard));
+    item.insert(SLOT.into(), n(slot));
+    item.insert(TTL.into(), n(ttl.max(0)));
+    item
+}
+
+/// Encode a message as a new pending queue item at `slot` of `shard` with sequence `seq`.
+pub(crate) fn encode_new(message: &Message, shard: u32, slot: u64, seq: u64) -> Item {
+    let mut item = queue_key(shard, slot);
+    item.insert(ID.into(), s(message.id.to_string()));
     item.insert(TOPIC.into(), s(&message.topic));
     if let Some(k) = &message.key {
         item.insert(KEY.into(), s(k));
@@ -124,7 +188,6 @@ pub(crate) fn encode_new(message: &Message, shard: u32, seq: u64) -> Item {
     item.insert(STATUS.into(), s(MessageStatus::Pending.as_str()));
     item.insert(SHARD.into(), n(shard));
     item.insert(SEQ.into(), n(seq));
-    item.insert(PENDING_PK.into(), n(shard));
     item
 }
 
@@ -161,7 +224,10 @@ pub(crate) fn get_time(item: &Item, name: &str) -> Result<Option<DateTime<Utc>>>
 
 /// Decode an outbox item.
 pub(crate) fn decode(item: &Item) -> Result<StoredMessage> {
-    let id: MessageId = get_s(item, PK).ok_or_else(|| bad("no pk"))?.parse()?;
+    let id: MessageId = get_s(item, ID)
+        .ok_or_else(|| bad("no message id"))?
+        .parse()
+        .map_err(|_| bad("the message id is not a UUID"))?;
     let opt = |name: &str| get_s(item, name).map(str::to_owned);
     let payload = match item.get(PAYLOAD) {
         Some(AttributeValue::B(b)) => bytes::Bytes::from(b.clone().into_inner()),

@@ -1,4 +1,4 @@
-//! [`DynamoDbConfig`]: table names, shards, retention, sequencing and the clock.
+//! [`DynamoDbConfig`]: table names, shards, retention, guards and the clock.
 
 use std::fmt;
 use std::sync::Arc;
@@ -14,41 +14,23 @@ pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600)
 pub const DEFAULT_DISPATCHED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default number of attempts of one commit that loses races on a shard's sequence counter.
 pub const DEFAULT_MAX_COMMIT_ATTEMPTS: u32 = 64;
-/// Most shards a store accepts (each shard is one partition-key value of the pending index and
-/// one counter item).
+/// Most shards a store accepts (each shard is one queue partition).
 pub const MAX_SHARD_COUNT: u32 = 4096;
 
-/// How the store assigns the sequence that orders messages of one key.
-///
-/// DynamoDB has no commit sequence, so the store makes one. See the crate README
-/// ("Ordering") for the argument and the cost of each mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Sequencing {
-    /// Exact commit order per shard, whatever the writers' clocks: every commit that adds
-    /// messages reads the counter item of each shard it touches (strongly consistent) and
-    /// advances it with a conditional update *in the same transaction*. Concurrent commits to
-    /// one shard serialize on the counter; the loser retries with jittered backoff. Costs one
-    /// extra transactional write (2 WCU) and one read (1 RCU) per shard per commit, and every
-    /// add is a transaction.
-    #[default]
-    ShardCounter,
-    /// Sequence from a hybrid logical clock of the writing process (wall-clock microseconds,
-    /// strictly increasing within the process). No extra reads or writes, and a standalone
-    /// `add` is a plain conditional `PutItem`. Per-key order across *different writer
-    /// processes* then assumes their clocks agree to better than the time between two commits
-    /// of the same key (chrony / Amazon Time Sync keep EC2 clocks within about a millisecond).
-    WriterClock,
-}
+/// Default lifetime of a message's id guard (the item that makes a duplicate id fail with
+/// `AlreadyExists` and that locates the message by id), counted from the add.
+pub const DEFAULT_ID_GUARD_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Default minimum time between two writes of a shard's cursor by one store instance.
+pub const DEFAULT_CURSOR_PERSIST_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Configuration of a [`DynamoDbStore`](crate::DynamoDbStore).
 ///
 /// ```
 /// use std::time::Duration;
-/// use outbox_dynamodb::{DynamoDbConfig, Sequencing};
+/// use outbox_dynamodb::DynamoDbConfig;
 /// let config = DynamoDbConfig::new("orders_")
 ///     .with_shard_count(32)
-///     .with_inbox_retention(Duration::from_secs(24 * 3600))
-///     .with_sequencing(Sequencing::ShardCounter);
+///     .with_inbox_retention(Duration::from_secs(24 * 3600));
 /// assert_eq!(config.outbox_table(), "orders_outbox");
 /// # config.validate().unwrap();
 /// ```
@@ -56,16 +38,20 @@ pub enum Sequencing {
 pub struct DynamoDbConfig {
     /// Prefix of every table name (`{prefix}outbox`, `{prefix}inbox`, `{prefix}locks`).
     pub table_prefix: String,
-    /// Number of shards (default 16). Constant for the lifetime of the stored data.
+    /// Number of shards (default 16): one queue partition each. Recorded in the table at
+    /// creation and checked by every store that opens it.
     pub shard_count: u32,
     /// Inbox dedup window (default 7 days).
     pub inbox_retention: Duration,
     /// How long after dispatch DynamoDB's TTL may delete a message (default 7 days).
     pub dispatched_ttl: Duration,
-    /// How message sequences are assigned (default [`Sequencing::ShardCounter`]).
-    pub sequencing: Sequencing,
-    /// Attempts of one commit that keeps losing the race on a shard counter before it gives
-    /// up with a retryable `Unavailable` error (default 64).
+    /// Lifetime of a message's id guard from its add (default 30 days; at least
+    /// `dispatched_ttl`). Within it a duplicate id fails with `AlreadyExists`.
+    pub id_guard_ttl: Duration,
+    /// Minimum time between two writes of a shard's cursor by this store (default 5 s).
+    pub cursor_persist_interval: Duration,
+    /// Attempts of one commit that keeps losing the race for its shard's next slot before it
+    /// gives up with a retryable `Unavailable` error (default 64).
     pub max_commit_attempts: u32,
     /// The clock deciding what is due, ages, inbox expiry and lease expiry.
     pub clock: SharedClock,
@@ -79,7 +65,8 @@ impl DynamoDbConfig {
             shard_count: DEFAULT_SHARD_COUNT,
             inbox_retention: DEFAULT_INBOX_RETENTION,
             dispatched_ttl: DEFAULT_DISPATCHED_TTL,
-            sequencing: Sequencing::default(),
+            id_guard_ttl: DEFAULT_ID_GUARD_TTL,
+            cursor_persist_interval: DEFAULT_CURSOR_PERSIST_INTERVAL,
             max_commit_attempts: DEFAULT_MAX_COMMIT_ATTEMPTS,
             clock: Arc::new(SystemClock),
         }
@@ -103,13 +90,19 @@ impl DynamoDbConfig {
         self
     }
 
-    /// Set the sequencing mode.
-    pub fn with_sequencing(mut self, s: Sequencing) -> Self {
-        self.sequencing = s;
+    /// Set the lifetime of id guards.
+    pub fn with_id_guard_ttl(mut self, d: Duration) -> Self {
+        self.id_guard_ttl = d;
         self
     }
 
-    /// Set the number of commit attempts on counter races.
+    /// Set the minimum time between cursor writes.
+    pub fn with_cursor_persist_interval(mut self, d: Duration) -> Self {
+        self.cursor_persist_interval = d;
+        self
+    }
+
+    /// Set the number of commit attempts on slot races.
     pub fn with_max_commit_attempts(mut self, n: u32) -> Self {
         self.max_commit_attempts = n;
         self
@@ -172,28 +165,30 @@ impl DynamoDbConfig {
         if self.dispatched_ttl.is_zero() {
             return Err(Error::config("dispatched_ttl must be greater than zero"));
         }
+        if self.id_guard_ttl < self.dispatched_ttl {
+            return Err(Error::config(format!(
+                "id_guard_ttl ({:?}) must be at least dispatched_ttl ({:?}): a dispatched message must stay readable by id",
+                self.id_guard_ttl, self.dispatched_ttl
+            )));
+        }
+        if self.cursor_persist_interval.is_zero()
+            || self.cursor_persist_interval * 100 > self.dispatched_ttl
+        {
+            return Err(Error::config(format!(
+                "cursor_persist_interval ({:?}) must be non-zero and at most a hundredth of dispatched_ttl ({:?})",
+                self.cursor_persist_interval, self.dispatched_ttl
+            )));
+        }
         if self.max_commit_attempts == 0 {
             return Err(Error::config("max_commit_attempts must be at least 1"));
         }
         Ok(())
     }
 
-    /// Most messages in one `add_batch` (and one unit of work), leaving room in DynamoDB's
-    /// 100 actions for the shard counters the batch may touch.
+    /// Most messages in one `add_batch` (and one unit of work): each message is two actions
+    /// of DynamoDB's 100 (its queue item and its id guard).
     pub fn max_batch(&self) -> usize {
-        match self.sequencing {
-            Sequencing::WriterClock => crate::uow::MAX_TRANSACTION_ACTIONS,
-            Sequencing::ShardCounter => {
-                // n messages touch at most min(n, shards) counters: n + min(n, shards) <= 100.
-                let shards = self.shard_count as usize;
-                let half = crate::uow::MAX_TRANSACTION_ACTIONS / 2;
-                if shards >= half {
-                    half
-                } else {
-                    crate::uow::MAX_TRANSACTION_ACTIONS - shards
-                }
-            }
-        }
+        crate::uow::MAX_TRANSACTION_ACTIONS / 2
     }
 }
 
@@ -211,7 +206,8 @@ impl fmt::Debug for DynamoDbConfig {
             .field("shard_count", &self.shard_count)
             .field("inbox_retention", &self.inbox_retention)
             .field("dispatched_ttl", &self.dispatched_ttl)
-            .field("sequencing", &self.sequencing)
+            .field("id_guard_ttl", &self.id_guard_ttl)
+            .field("cursor_persist_interval", &self.cursor_persist_interval)
             .field("max_commit_attempts", &self.max_commit_attempts)
             .field("clock", &self.clock)
             .finish()

@@ -12,12 +12,13 @@ use outbox_core::{Error, ErrorKind};
 /// | DynamoDB error | kind | retryable |
 /// |---|---|---|
 /// | `ConditionalCheckFailedException` | `ConditionFailed { index: None }` | no |
-/// | `ProvisionedThroughputExceededException`, `ThrottlingException`, `RequestLimitExceeded`, `TransactionConflictException`, `TransactionInProgressException`, `InternalServerError`, `ServiceUnavailable`, `LimitExceededException` | `Unavailable` | yes |
+/// | `ProvisionedThroughputExceededException`, `ThrottlingException`, `RequestLimitExceeded`, `TransactionConflictException`, `InternalServerError`, `ServiceUnavailable`, `LimitExceededException` | `Unavailable` | yes |
+/// | `TransactionInProgressException` (the same `ClientRequestToken` is still being applied: the request **may still land**; the unit of work resends the identical request, which applies at most once) | `Unavailable` | yes |
 /// | timeouts, connection failures, unreadable responses, HTTP 5xx without an error code | `Unavailable` | yes |
 /// | `ResourceNotFoundException` (a missing table) | `ConfigInvalid` | no |
 /// | `ValidationException`, `SerializationException` | `InvalidInput` | no |
 /// | `ItemCollectionSizeLimitExceededException` | `LimitExceeded` | no |
-/// | `IdempotentParameterMismatchException` | `Unexpected` | no |
+/// | `IdempotentParameterMismatchException` (a `ClientRequestToken` reused with a different request within 10 minutes; the unit of work first checks whether its own request landed) | `InvalidInput` | no |
 /// | credentials / signing (`UnrecognizedClientException`, `AccessDeniedException`, ...) | `ConfigInvalid` | no |
 /// | anything else | `Unexpected` | no |
 ///
@@ -89,13 +90,26 @@ pub(crate) fn classify_code(
         | "RequestLimitExceeded"
         | "TransactionConflictException"
         | "TransactionConflict"
-        | "TransactionInProgressException"
         | "InternalServerError"
         | "ServiceUnavailable"
         | "LimitExceededException" => (
             ErrorKind::Unavailable,
             true,
             describe("DynamoDB is throttling, busy or conflicting; retry"),
+        ),
+        "TransactionInProgressException" => (
+            ErrorKind::Unavailable,
+            true,
+            describe(
+                "a transaction with this ClientRequestToken is still in progress and may still be applied; resend the identical request (same token), which DynamoDB applies at most once",
+            ),
+        ),
+        "IdempotentParameterMismatchException" => (
+            ErrorKind::InvalidInput,
+            false,
+            describe(
+                "this ClientRequestToken was used in the last 10 minutes for a different request; use a new token for a different unit of work",
+            ),
         ),
         "ResourceNotFoundException" => (
             ErrorKind::ConfigInvalid,

@@ -1,23 +1,30 @@
-//! Table creation (idempotent, waits until active, enables TTL) and deletion.
+//! Table creation (idempotent, waits until active, enables the outbox stream and TTL),
+//! verification of existing tables, and deletion.
 
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    StreamSpecification, StreamViewType, TableDescription, TableStatus, TimeToLiveSpecification,
+    TimeToLiveStatus,
 };
 use outbox_core::{Error, Result};
 
-use crate::codec::{
-    CREATED, DELIVER_AFTER, KEY, NEXT_ATTEMPT, PARKED_INDEX, PARKED_PK, PENDING_INDEX, PENDING_PK,
-    PK, SEQ, SK, TOPIC, TTL,
-};
+use crate::codec::{PK, SK, TTL};
 use crate::error::parse_error;
+use crate::request::build_err;
 
-fn build_err(e: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::unexpected("building a table definition failed").with_source(e)
+/// The stream view the outbox table's stream uses: keys are enough to name the shard.
+pub const STREAM_VIEW: StreamViewType = StreamViewType::KeysOnly;
+
+/// What a table must look like.
+struct Expected<'a> {
+    name: &'a str,
+    keys: &'a [(&'a str, ScalarAttributeType, KeyType)],
+    stream: bool,
+    ttl: bool,
 }
 
 fn attr(name: &str, t: ScalarAttributeType) -> Result<AttributeDefinition> {
@@ -36,87 +43,141 @@ fn key(name: &str, t: KeyType) -> Result<KeySchemaElement> {
         .map_err(build_err)
 }
 
-fn sparse_index(name: &str, pk: &str, include: &[&str]) -> Result<GlobalSecondaryIndex> {
-    let mut projection = Projection::builder().projection_type(ProjectionType::Include);
-    for a in include {
-        projection = projection.non_key_attributes(*a);
-    }
-    GlobalSecondaryIndex::builder()
-        .index_name(name)
-        .key_schema(key(pk, KeyType::Hash)?)
-        .key_schema(key(SEQ, KeyType::Range)?)
-        .projection(projection.build())
-        .build()
-        .map_err(build_err)
-}
-
 /// Create the outbox, inbox and lock tables if they do not exist, wait until they are active,
-/// and enable TTL on the outbox and inbox tables.
+/// enable the outbox stream and TTL, and verify every table.
 pub(crate) async fn create_tables(
     client: &Client,
     outbox: &str,
     inbox: &str,
     locks: &str,
 ) -> Result<()> {
-    create(
-        client
+    let tables = [
+        Expected {
+            name: outbox,
+            keys: &[
+                (PK, ScalarAttributeType::S, KeyType::Hash),
+                (SK, ScalarAttributeType::N, KeyType::Range),
+            ],
+            stream: true,
+            ttl: true,
+        },
+        Expected {
+            name: inbox,
+            keys: &[
+                (PK, ScalarAttributeType::S, KeyType::Hash),
+                (SK, ScalarAttributeType::S, KeyType::Range),
+            ],
+            stream: false,
+            ttl: true,
+        },
+        Expected {
+            name: locks,
+            keys: &[(PK, ScalarAttributeType::S, KeyType::Hash)],
+            stream: false,
+            ttl: false,
+        },
+    ];
+    for t in &tables {
+        let mut req = client
             .create_table()
-            .table_name(outbox)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attr(PK, ScalarAttributeType::S)?)
-            .attribute_definitions(attr(PENDING_PK, ScalarAttributeType::N)?)
-            .attribute_definitions(attr(PARKED_PK, ScalarAttributeType::N)?)
-            .attribute_definitions(attr(SEQ, ScalarAttributeType::N)?)
-            .key_schema(key(PK, KeyType::Hash)?)
-            .global_secondary_indexes(sparse_index(
-                PENDING_INDEX,
-                PENDING_PK,
-                &[KEY, DELIVER_AFTER, NEXT_ATTEMPT, CREATED],
-            )?)
-            .global_secondary_indexes(sparse_index(PARKED_INDEX, PARKED_PK, &[KEY, TOPIC])?),
-    )
-    .await?;
-    create(
-        client
-            .create_table()
-            .table_name(inbox)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attr(PK, ScalarAttributeType::S)?)
-            .attribute_definitions(attr(SK, ScalarAttributeType::S)?)
-            .key_schema(key(PK, KeyType::Hash)?)
-            .key_schema(key(SK, KeyType::Range)?),
-    )
-    .await?;
-    create(
-        client
-            .create_table()
-            .table_name(locks)
-            .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attr(PK, ScalarAttributeType::S)?)
-            .key_schema(key(PK, KeyType::Hash)?),
-    )
-    .await?;
-    for table in [outbox, inbox, locks] {
-        wait_active(client, table).await?;
+            .table_name(t.name)
+            .billing_mode(BillingMode::PayPerRequest);
+        for (name, ty, kt) in t.keys {
+            req = req
+                .attribute_definitions(attr(name, ty.clone())?)
+                .key_schema(key(name, kt.clone())?);
+        }
+        if t.stream {
+            req = req.stream_specification(
+                StreamSpecification::builder()
+                    .stream_enabled(true)
+                    .stream_view_type(STREAM_VIEW)
+                    .build()
+                    .map_err(build_err)?,
+            );
+        }
+        match req.send().await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("ResourceInUseException") => {}
+            Err(e) => return Err(parse_error(e)),
+        }
     }
-    for table in [outbox, inbox] {
-        enable_ttl(client, table).await?;
+    for t in &tables {
+        let desc = wait_active(client, t.name).await?;
+        verify(&desc, t)?;
+        if t.stream
+            && !desc
+                .stream_specification()
+                .is_some_and(|s| s.stream_enabled())
+        {
+            enable_stream(client, t.name).await?;
+        }
+        if t.ttl {
+            enable_ttl(client, t.name).await?;
+        }
     }
     Ok(())
 }
 
-/// Send a CreateTable; an existing table is fine. Returns whether it was created.
-async fn create(
-    req: aws_sdk_dynamodb::operation::create_table::builders::CreateTableFluentBuilder,
-) -> Result<bool> {
-    match req.send().await {
-        Ok(_) => Ok(true),
-        Err(e) if e.code() == Some("ResourceInUseException") => Ok(false),
-        Err(e) => Err(parse_error(e)),
+/// Check an existing table's keys and indexes.
+fn verify(desc: &TableDescription, t: &Expected<'_>) -> Result<()> {
+    let mismatch = |what: String| {
+        Err(Error::config(format!(
+            "table {} exists but does not match this library's schema: {what}; use another table_prefix, or migrate (see the crate README, \"Schema\")",
+            t.name
+        )))
+    };
+    let keys: Vec<(String, KeyType)> = desc
+        .key_schema()
+        .iter()
+        .map(|k| (k.attribute_name().to_owned(), k.key_type().clone()))
+        .collect();
+    let want: Vec<(String, KeyType)> = t
+        .keys
+        .iter()
+        .map(|(n, _, k)| ((*n).to_owned(), k.clone()))
+        .collect();
+    if keys != want {
+        return mismatch(format!("key schema is {keys:?}, expected {want:?}"));
     }
+    for (name, ty, _) in t.keys {
+        let have = desc
+            .attribute_definitions()
+            .iter()
+            .find(|a| a.attribute_name() == *name)
+            .map(|a| a.attribute_type().clone());
+        if have.as_ref() != Some(ty) {
+            return mismatch(format!(
+                "key attribute {name} has type {have:?}, expected {ty:?}"
+            ));
+        }
+    }
+    let indexes: Vec<&str> = desc
+        .global_secondary_indexes()
+        .iter()
+        .filter_map(|i| i.index_name())
+        .chain(
+            desc.local_secondary_indexes()
+                .iter()
+                .filter_map(|i| i.index_name()),
+        )
+        .collect();
+    if !indexes.is_empty() {
+        return mismatch(format!(
+            "it has secondary indexes {indexes:?}, expected none (version 1 of this backend used the indexes `pending` and `parked`)"
+        ));
+    }
+    if t.stream
+        && let Some(s) = desc.stream_specification()
+        && s.stream_enabled()
+        && s.stream_view_type().is_none()
+    {
+        return mismatch("its stream has no view type".to_owned());
+    }
+    Ok(())
 }
 
-async fn wait_active(client: &Client, table: &str) -> Result<()> {
+async fn wait_active(client: &Client, table: &str) -> Result<TableDescription> {
     for _ in 0..600 {
         let d = client
             .describe_table()
@@ -124,22 +185,33 @@ async fn wait_active(client: &Client, table: &str) -> Result<()> {
             .send()
             .await
             .map_err(parse_error)?;
-        let t = d.table();
-        let table_ready = t.and_then(|t| t.table_status()) == Some(&TableStatus::Active);
-        let indexes_ready = t.is_none_or(|t| {
-            t.global_secondary_indexes().iter().all(|i| {
-                i.index_status()
-                    .is_none_or(|s| *s == aws_sdk_dynamodb::types::IndexStatus::Active)
-            })
-        });
-        if table_ready && indexes_ready {
-            return Ok(());
+        if let Some(t) = d.table()
+            && t.table_status() == Some(&TableStatus::Active)
+        {
+            return Ok(t.clone());
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     Err(Error::unavailable(format!(
         "table {table} did not become ACTIVE within 5 minutes"
     )))
+}
+
+async fn enable_stream(client: &Client, table: &str) -> Result<()> {
+    client
+        .update_table()
+        .table_name(table)
+        .stream_specification(
+            StreamSpecification::builder()
+                .stream_enabled(true)
+                .stream_view_type(STREAM_VIEW)
+                .build()
+                .map_err(build_err)?,
+        )
+        .send()
+        .await
+        .map_err(parse_error)?;
+    wait_active(client, table).await.map(|_| ())
 }
 
 async fn enable_ttl(client: &Client, table: &str) -> Result<()> {
@@ -149,18 +221,20 @@ async fn enable_ttl(client: &Client, table: &str) -> Result<()> {
         .send()
         .await
         .map_err(parse_error)?;
-    let enabled = d.time_to_live_description().is_some_and(|t| {
-        t.attribute_name() == Some(TTL)
-            && matches!(
-                t.time_to_live_status(),
-                Some(
-                    aws_sdk_dynamodb::types::TimeToLiveStatus::Enabled
-                        | aws_sdk_dynamodb::types::TimeToLiveStatus::Enabling
-                )
-            )
-    });
-    if enabled {
-        return Ok(());
+    if let Some(t) = d.time_to_live_description() {
+        let on = matches!(
+            t.time_to_live_status(),
+            Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
+        );
+        match t.attribute_name() {
+            Some(a) if on && a == TTL => return Ok(()),
+            Some(a) if on => {
+                return Err(Error::config(format!(
+                    "table {table} has TTL on attribute {a:?}; this library needs it on {TTL:?} (disable TTL on the table first)"
+                )));
+            }
+            _ => {}
+        }
     }
     let spec = TimeToLiveSpecification::builder()
         .attribute_name(TTL)

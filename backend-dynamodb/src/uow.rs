@@ -5,32 +5,53 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     ConditionCheck, Delete, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
 use outbox_core::{
     Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, MessageId, Result,
-    Transaction, shard_for,
+    Transaction, add_duration,
 };
 
-use crate::codec::{item_size, value_size};
-use crate::config::Sequencing;
+use crate::codec::{self, MAX_SLOT, PK, item_size, value_size};
 use crate::error::{CancellationReasons, parse_error};
+use crate::meter::{Units, write_units};
+use crate::request::{Meta, build_err, metered};
 use crate::store::DynamoDbStore;
 
 /// DynamoDB's limit on actions in one transaction.
 pub const MAX_TRANSACTION_ACTIONS: usize = 100;
 /// DynamoDB's limit on the aggregate item size of one transaction (4 MB).
 pub const MAX_TRANSACTION_BYTES: usize = 4 * 1024 * 1024;
+/// Upper bound of an id guard item's size.
+const GUARD_BYTES: usize = 96;
 
 /// What an entry of the final `TransactItems` list is, to map cancellation reasons.
 #[derive(Debug, Clone)]
 enum Role {
     Caller(usize),
     Inbox(InboxEntry),
-    Message(MessageId),
-    Counter(u32),
+    /// A message's queue item: its condition fails when another commit took the slot.
+    Slot(u32),
+    /// A message's id guard: its condition fails when the id is stored.
+    Guard(MessageId),
+}
+
+/// Resends of one identical request (same items, same `ClientRequestToken`) after an
+/// ambiguous failure (timeout, 5xx, `TransactionInProgressException`, throttling).
+const RESENDS: u32 = 3;
+
+/// One attempt's request: slots assigned, items built, token chosen. Built once and resent
+/// as it is.
+struct Plan {
+    items: Vec<TransactWriteItem>,
+    roles: Vec<Role>,
+    token: String,
+    /// (id, shard, slot) of every message.
+    placed: Vec<(MessageId, u32, u64)>,
+    units: Units,
 }
 
 /// A unit of work: the caller's own writes, outbox messages and inbox entries, committed
@@ -63,24 +84,42 @@ impl std::fmt::Debug for DynamoDbUnitOfWork {
     }
 }
 
-fn put_size(p: &Put) -> usize {
-    item_size(p.item())
+fn names_size(m: Option<&std::collections::HashMap<String, String>>) -> usize {
+    m.map_or(0, |m| m.iter().map(|(k, v)| k.len() + v.len()).sum())
 }
 
+fn values_size(
+    m: Option<&std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
+) -> usize {
+    m.map_or(0, |m| m.iter().map(|(k, v)| k.len() + value_size(v)).sum())
+}
+
+/// Bytes one of the caller's entries adds to the transaction: the item of a `Put`; for an
+/// `Update`, `Delete` or `ConditionCheck` the key, the expressions and their names and values
+/// (a lower bound of what DynamoDB counts, which includes the stored item).
 fn entry_size(e: &TransactWriteItem) -> usize {
-    // The aggregate-size rule counts item sizes; for updates and condition checks we count
-    // the key and expression values, a lower bound of what DynamoDB counts.
-    let values = |m: Option<
-        &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
-    >| { m.map_or(0, |m| m.values().map(value_size).sum::<usize>()) };
+    let expr = |x: Option<&str>| x.map_or(0, str::len);
     if let Some(p) = e.put() {
-        put_size(p)
+        item_size(p.item())
+            + expr(p.condition_expression())
+            + names_size(p.expression_attribute_names())
+            + values_size(p.expression_attribute_values())
     } else if let Some(u) = e.update() {
-        item_size(u.key()) + values(u.expression_attribute_values())
+        item_size(u.key())
+            + u.update_expression().len()
+            + expr(u.condition_expression())
+            + names_size(u.expression_attribute_names())
+            + values_size(u.expression_attribute_values())
     } else if let Some(d) = e.delete() {
-        item_size(d.key()) + values(d.expression_attribute_values())
+        item_size(d.key())
+            + expr(d.condition_expression())
+            + names_size(d.expression_attribute_names())
+            + values_size(d.expression_attribute_values())
     } else if let Some(c) = e.condition_check() {
-        item_size(c.key()) + values(c.expression_attribute_values())
+        item_size(c.key())
+            + c.condition_expression().len()
+            + names_size(c.expression_attribute_names())
+            + values_size(c.expression_attribute_values())
     } else {
         0
     }
@@ -127,15 +166,16 @@ impl DynamoDbUnitOfWork {
         self.push(TransactWriteItem::builder().condition_check(check).build())
     }
 
-    /// Number of actions the commit will send (your entries, inbox entries, messages and, with
-    /// [`Sequencing::ShardCounter`], one counter per touched shard).
+    /// Number of actions the commit will send: your entries, inbox entries, and two per
+    /// message (its queue item and its id guard).
     pub fn action_count(&self) -> usize {
-        self.caller.len() + self.inbox.len() + self.messages.len() + self.counter_count()
+        self.caller.len() + self.inbox.len() + 2 * self.messages.len()
     }
 
-    /// Use this `ClientRequestToken` for the (first) commit attempt instead of a fresh one.
-    /// Resending the same unit of work with the same token within 10 minutes is then
-    /// idempotent on DynamoDB. Tokens are 1–36 characters.
+    /// Use this `ClientRequestToken` for the first commit request instead of a fresh one.
+    /// Every request is resent as it is (same items, same token) after an ambiguous failure,
+    /// which DynamoDB applies at most once within 10 minutes. A request with new slots (after
+    /// losing the race for a slot) gets a new token. Tokens are 1–36 characters.
     pub fn set_client_request_token(&mut self, token: impl Into<String>) -> Result<()> {
         let token = token.into();
         if token.is_empty() || token.len() > 36 {
@@ -148,19 +188,19 @@ impl DynamoDbUnitOfWork {
         Ok(())
     }
 
-    fn counter_count(&self) -> usize {
-        match self.store.config().sequencing {
-            Sequencing::WriterClock => 0,
-            Sequencing::ShardCounter => self.shards().len(),
-        }
-    }
-
     fn shards(&self) -> BTreeSet<u32> {
-        let n = self.store.shard_count_value();
         self.messages
             .iter()
-            .map(|m| shard_for(m.key.as_deref(), &m.id, n))
+            .map(|m| self.store.shard_of(m))
             .collect()
+    }
+
+    /// Bytes of the transaction as counted here (a lower bound for your updates and checks).
+    fn size_estimate(&self) -> usize {
+        self.caller_bytes
+            + self.message_bytes
+            + self.messages.len() * GUARD_BYTES
+            + self.inbox.len() * 128
     }
 
     fn check_limits(&self) -> Result<()> {
@@ -172,15 +212,14 @@ impl DynamoDbUnitOfWork {
                     limit: MAX_TRANSACTION_ACTIONS,
                 },
                 format!(
-                    "a DynamoDB transaction holds at most {MAX_TRANSACTION_ACTIONS} actions; this unit of work has {count} ({} of yours, {} inbox entries, {} messages, {} shard counters)",
+                    "a DynamoDB transaction holds at most {MAX_TRANSACTION_ACTIONS} actions; this unit of work has {count} ({} of yours, {} inbox entries, {} messages at 2 actions each: queue item and id guard)",
                     self.caller.len(),
                     self.inbox.len(),
-                    self.messages.len(),
-                    self.counter_count()
+                    self.messages.len()
                 ),
             ));
         }
-        let size = self.caller_bytes + self.message_bytes + self.inbox.len() * 128;
+        let size = self.size_estimate();
         if size > MAX_TRANSACTION_BYTES {
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge {
@@ -221,12 +260,14 @@ impl DynamoDbUnitOfWork {
         Ok(())
     }
 
-    /// Commit: one `TransactWriteItems` (after reading the shard counters, with
-    /// [`Sequencing::ShardCounter`]). Retries by itself only when it lost a race on a shard
-    /// counter.
+    /// Commit: read the tail of each touched shard (strongly consistent), put every message
+    /// at the next free slot of its shard and its id guard, with your entries and the inbox
+    /// entries, in one `TransactWriteItems`. Retries by itself only when it lost the race for
+    /// a slot (new slots, new token), and resends the identical request after an ambiguous
+    /// failure.
     pub(crate) async fn commit_inner(self) -> Result<Committed> {
         let mut committed = Committed::default();
-        let n = self.store.shard_count_value();
+        let n = self.store.config().shard_count;
         for m in &self.messages {
             committed.record(m, n);
         }
@@ -234,19 +275,23 @@ impl DynamoDbUnitOfWork {
             return Ok(committed);
         }
         self.check_limits()?;
+        self.store.ensure_open().await?;
         let max_attempts = self.store.config().max_commit_attempts;
         let _guards = self.store.lock_shards(&self.shards()).await;
         let mut token = self.token_override.clone();
         for attempt in 1..=max_attempts {
-            let token_now = token
-                .take()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-            match self.attempt(&token_now).await? {
-                Attempt::Done => return Ok(committed),
+            let plan = self.plan(token.take()).await?;
+            match self.send(&plan).await? {
+                Attempt::Done => {
+                    for (id, shard, slot) in &plan.placed {
+                        self.store.remember(*id, *shard, *slot);
+                    }
+                    return Ok(committed);
+                }
                 Attempt::LostRace(reasons) => {
                     if attempt == max_attempts {
                         return Err(Error::unavailable(format!(
-                            "gave up after {max_attempts} commit attempts: concurrent writers kept advancing the same shard counters; retry the unit of work (last reasons: {reasons})"
+                            "gave up after {max_attempts} commit attempts: concurrent writers kept taking the next slot of the same shards; retry the unit of work (last reasons: {reasons})"
                         ))
                         .with_source(reasons));
                     }
@@ -257,83 +302,183 @@ impl DynamoDbUnitOfWork {
         Err(Error::unexpected("commit loop ended without a result"))
     }
 
-    async fn attempt(&self, token: &str) -> Result<Attempt> {
+    /// Read the touched shards' tails, assign slots and sequences, build the request.
+    async fn plan(&self, token: Option<String>) -> Result<Plan> {
         let store = &self.store;
-        let config = store.config();
         let mut roles: Vec<Role> = Vec::new();
         let mut items: Vec<TransactWriteItem> = Vec::new();
+        let mut wcu = 0.0;
         for (i, e) in self.caller.iter().enumerate() {
             roles.push(Role::Caller(i));
+            wcu += 2.0 * write_units(entry_size(e));
             items.push(e.clone());
         }
         for entry in &self.inbox {
+            let put = store.inbox_put(entry)?;
+            wcu += 2.0 * write_units(item_size(put.item()));
             roles.push(Role::Inbox(entry.clone()));
-            items.push(
-                TransactWriteItem::builder()
-                    .put(store.inbox_put(entry)?)
-                    .build(),
-            );
+            items.push(TransactWriteItem::builder().put(put).build());
         }
+        let mut placed = Vec::with_capacity(self.messages.len());
         if !self.messages.is_empty() {
-            let n = store.shard_count_value();
-            let shard_of: Vec<u32> = self
-                .messages
-                .iter()
-                .map(|m| shard_for(m.key.as_deref(), &m.id, n))
-                .collect();
-            let counters: BTreeMap<u32, Option<u64>> = match config.sequencing {
-                Sequencing::ShardCounter => store.read_counters(&shard_of).await?,
-                Sequencing::WriterClock => BTreeMap::new(),
-            };
-            let floor = counters.values().flatten().copied().max().unwrap_or(0);
-            let base = store.next_sequence(floor, self.messages.len() as u64);
-            let last = base + self.messages.len() as u64 - 1;
-            for (i, m) in self.messages.iter().enumerate() {
-                roles.push(Role::Message(m.id));
-                items.push(
-                    TransactWriteItem::builder()
-                        .put(store.message_put(m, shard_of[i], base + i as u64)?)
-                        .build(),
-                );
+            let shard_of: Vec<u32> = self.messages.iter().map(|m| store.shard_of(m)).collect();
+            let touched: BTreeSet<u32> = shard_of.iter().copied().collect();
+            let tails = futures::future::try_join_all(
+                touched.iter().map(|s| store.read_tail(*s, "commit")),
+            )
+            .await?;
+            let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+            let mut floor = 0;
+            for (shard, tail) in touched.iter().zip(&tails) {
+                next.insert(*shard, tail.slot);
+                floor = floor.max(tail.seq);
             }
-            for (shard, old) in &counters {
-                roles.push(Role::Counter(*shard));
-                items.push(
-                    TransactWriteItem::builder()
-                        .update(store.counter_update(*shard, *old, last)?)
-                        .build(),
-                );
+            let count = u64::try_from(self.messages.len()).unwrap_or(u64::MAX);
+            let base = store.next_sequence(floor, count)?;
+            let now = store.config().clock.now();
+            let guard_ttl = add_duration(now, store.config().id_guard_ttl).timestamp();
+            for (i, m) in self.messages.iter().enumerate() {
+                let shard = shard_of[i];
+                let slot = next
+                    .get_mut(&shard)
+                    .map(|s| {
+                        *s = s.saturating_add(1);
+                        *s
+                    })
+                    .filter(|s| *s <= MAX_SLOT)
+                    .ok_or_else(|| {
+                        Error::unexpected(format!("shard {shard} has used every slot of its queue"))
+                    })?;
+                let seq = base + i as u64;
+                let queue_item = codec::encode_new(m, shard, slot, seq);
+                let guard = codec::encode_guard(&m.id, shard, slot, guard_ttl);
+                wcu += 2.0 * write_units(item_size(&queue_item))
+                    + 2.0 * write_units(item_size(&guard));
+                for (role, item) in [(Role::Slot(shard), queue_item), (Role::Guard(m.id), guard)] {
+                    roles.push(role);
+                    items.push(
+                        TransactWriteItem::builder()
+                            .put(
+                                Put::builder()
+                                    .table_name(&store.inner.outbox)
+                                    .set_item(Some(item))
+                                    .condition_expression("attribute_not_exists(#pk)")
+                                    .expression_attribute_names("#pk", PK)
+                                    .build()
+                                    .map_err(build_err)?,
+                            )
+                            .build(),
+                    );
+                }
+                placed.push((m.id, shard, slot));
             }
         }
-        let out = store
-            .client()
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .client_request_token(token)
-            .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-            .send()
+        Ok(Plan {
+            items,
+            roles,
+            token: token.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            placed,
+            units: Units::write(wcu),
+        })
+    }
+
+    /// Whether `plan` was applied (its first message's guard names its slot): after an
+    /// ambiguous failure, a resend that fails on its own conditions may mean it landed.
+    async fn landed(&self, plan: &Plan) -> Result<bool> {
+        let Some((id, shard, slot)) = plan.placed.first() else {
+            return Ok(false);
+        };
+        Ok(self.store.locate(id, "commit").await? == Some((*shard, *slot)))
+    }
+
+    /// Send `plan`, resending the identical request after ambiguous failures.
+    async fn send(&self, plan: &Plan) -> Result<Attempt> {
+        let store = &self.store;
+        let mut ambiguous = false;
+        let mut resend = 0;
+        loop {
+            let out = metered(
+                store.meter(),
+                Meta::write("commit"),
+                store
+                    .client()
+                    .transact_write_items()
+                    .set_transact_items(Some(plan.items.clone()))
+                    .client_request_token(&plan.token)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
+                    .send(),
+                |_| plan.units,
+                plan.units,
+            )
             .await;
-        match out {
-            Ok(o) => {
-                store.meter().record("commit", true, o.consumed_capacity());
-                Ok(Attempt::Done)
-            }
-            Err(e) => {
-                store.meter().record("commit", true, &[]);
-                let reasons = match &e {
-                    aws_sdk_dynamodb::error::SdkError::ServiceError(s) => match s.err() {
-                        TransactWriteItemsError::TransactionCanceledException(c) => {
-                            Some(CancellationReasons::from_sdk(c.cancellation_reasons()))
-                        }
-                        _ => None,
-                    },
+            let err = match out {
+                Ok(_) => return Ok(Attempt::Done),
+                Err(e) => e,
+            };
+            let reasons = match &err {
+                SdkError::ServiceError(s) => match s.err() {
+                    TransactWriteItemsError::TransactionCanceledException(c) => {
+                        Some(CancellationReasons::from_sdk(c.cancellation_reasons()))
+                    }
                     _ => None,
+                },
+                _ => None,
+            };
+            if let Some(r) = reasons {
+                return match map_cancellation(&plan.roles, r) {
+                    Ok(Attempt::LostRace(r)) if ambiguous && self.landed(plan).await? => {
+                        tracing::debug!(reasons = %r, "commit: the first request had landed");
+                        Ok(Attempt::Done)
+                    }
+                    Err(e)
+                        if ambiguous
+                            && e.kind() == ErrorKind::AlreadyExists
+                            && self.landed(plan).await? =>
+                    {
+                        Ok(Attempt::Done)
+                    }
+                    other => other,
                 };
-                match reasons {
-                    Some(r) => map_cancellation(&roles, r),
-                    None => Err(parse_error(e)),
-                }
             }
+            let code = err.code().map(str::to_owned);
+            if code.as_deref() == Some("IdempotentParameterMismatchException") {
+                if self.landed(plan).await? {
+                    return Ok(Attempt::Done);
+                }
+                return Err(parse_error(err));
+            }
+            if code.as_deref() == Some("ValidationException")
+                && err.message().is_some_and(|m| {
+                    m.contains("4 MB") || m.contains("larger than") || m.contains("size")
+                })
+            {
+                let size = self.size_estimate();
+                return Err(Error::new(
+                    ErrorKind::PayloadTooLarge {
+                        size,
+                        limit: MAX_TRANSACTION_BYTES,
+                    },
+                    format!(
+                        "DynamoDB refused the transaction as too large (estimated {size} bytes here; DynamoDB also counts the stored items your updates and condition checks touch); nothing was written: {}",
+                        aws_sdk_dynamodb::error::DisplayErrorContext(&err)
+                    ),
+                )
+                .with_source(err));
+            }
+            let e = parse_error(err);
+            // Throttling, 5xx, timeouts, TransactionInProgress: the request may or may not have
+            // been applied; the identical request with the same token applies at most once.
+            if e.is_retryable() && resend < RESENDS {
+                resend += 1;
+                ambiguous = true;
+                tracing::debug!(error = %e, resend, "commit: resending the identical request");
+                backoff(resend).await;
+                continue;
+            }
+            if ambiguous && self.landed(plan).await.unwrap_or(false) {
+                return Ok(Attempt::Done);
+            }
+            return Err(e);
         }
     }
 }
@@ -348,7 +493,7 @@ async fn backoff(attempt: u32) {
     tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=cap))).await;
 }
 
-/// Map the per-entry cancellation reasons to a typed error (or a lost counter race).
+/// Map the per-entry cancellation reasons to a typed error (or a lost race for a slot).
 fn map_cancellation(roles: &[Role], reasons: CancellationReasons) -> Result<Attempt> {
     let mut lost_race = false;
     let mut conflict = None;
@@ -362,8 +507,8 @@ fn map_cancellation(roles: &[Role], reasons: CancellationReasons) -> Result<Atte
             "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
         );
         match role {
-            Role::Counter(shard) if conditional || transient => {
-                tracing::debug!(shard, code, "lost the race on a shard counter; retrying");
+            Role::Slot(shard) if conditional || transient => {
+                tracing::debug!(shard, code, "lost the race for a slot; retrying");
                 lost_race = true;
             }
             Role::Caller(index) if conditional => {
@@ -387,7 +532,7 @@ fn map_cancellation(roles: &[Role], reasons: CancellationReasons) -> Result<Atte
                 )
                 .with_source(reasons));
             }
-            Role::Message(id) if conditional => {
+            Role::Guard(id) if conditional => {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
                     format!(
@@ -442,7 +587,7 @@ impl Transaction for DynamoDbUnitOfWork {
     }
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        crate::store::check_entry(entry)?;
+        crate::inbox::check_entry(entry)?;
         if self.inbox.contains(entry) {
             return Ok(InsertOutcome::Duplicate);
         }

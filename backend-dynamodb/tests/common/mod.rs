@@ -42,6 +42,16 @@ pub struct Tables {
     names: Vec<String>,
 }
 
+impl Tables {
+    /// A guard deleting these tables.
+    pub fn new(endpoint: &str, names: &[&str]) -> Self {
+        Tables {
+            endpoint: endpoint.to_owned(),
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+        }
+    }
+}
+
 impl Drop for Tables {
     fn drop(&mut self) {
         let endpoint = self.endpoint.clone();
