@@ -169,6 +169,11 @@ macro_rules! __relay_cases {
             relay_graceful_shutdown_releases_leases => $crate::relay::graceful_shutdown_releases_leases,
             relay_notify_dispatches_immediately => $crate::relay::notify_dispatches_immediately,
             relay_run_once_drains_one_batch => $crate::relay::run_once_drains_one_batch,
+            relay_outage_parks_nothing_in_run => $crate::relay::outage_parks_nothing_in_run,
+            relay_stale_holder_publishes_nothing => $crate::relay::stale_holder_publishes_nothing,
+            relay_duplicate_instance_id_refused => $crate::relay::duplicate_instance_id_refused,
+            relay_shutdown_finishes_batch_in_flight => $crate::relay::shutdown_finishes_batch_in_flight,
+            relay_racing_relays_never_overlap => $crate::relay::racing_relays_never_overlap,
         }
     };
 }

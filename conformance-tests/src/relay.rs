@@ -9,8 +9,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use outbox_core::memory::{MemoryBroker, MemoryProducer};
 use outbox_core::{
-    CancellationToken, Clock, Error, ErrorKind, Message, MessageId, MessageStatus, OutboxStore,
-    Producer, Relay, RelayConfig, RequeueFilter, Result, RetryPolicy, Transaction,
+    CancellationToken, Clock, Error, ErrorKind, Message, MessageId, MessageStatus, OutageBackoff,
+    OutboxStore, Producer, Relay, RelayConfig, RequeueFilter, Result, RetryPolicy, Transaction,
     TransactionalStore,
 };
 
@@ -27,6 +27,10 @@ pub struct FaultyProducer {
     hang_after: Mutex<Option<usize>>,
     confirmed: AtomicUsize,
     hung: tokio::sync::Notify,
+    paused: tokio::sync::watch::Sender<bool>,
+    in_flight: Mutex<HashSet<MessageId>>,
+    overlaps: AtomicUsize,
+    delay: Mutex<Duration>,
 }
 
 impl FaultyProducer {
@@ -39,7 +43,36 @@ impl FaultyProducer {
             hang_after: Mutex::new(None),
             confirmed: AtomicUsize::new(0),
             hung: tokio::sync::Notify::new(),
+            paused: tokio::sync::watch::channel(false).0,
+            in_flight: Mutex::new(HashSet::new()),
+            overlaps: AtomicUsize::new(0),
+            delay: Mutex::new(Duration::ZERO),
         }
+    }
+
+    /// While paused, sends wait (in flight, unconfirmed) until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    /// Let paused sends go on.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
+
+    /// Every send takes this long before it reaches the broker.
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
+    }
+
+    /// Sends of a message that started while another send of the same message was in flight.
+    pub fn overlaps(&self) -> usize {
+        self.overlaps.load(AtomicOrdering::SeqCst)
+    }
+
+    /// Sends confirmed so far.
+    pub fn confirmed(&self) -> usize {
+        self.confirmed.load(AtomicOrdering::SeqCst)
     }
 
     /// While `true`, every send fails with a retryable `Unavailable` (broker down).
@@ -47,7 +80,8 @@ impl FaultyProducer {
         self.down.store(down, AtomicOrdering::SeqCst);
     }
 
-    /// The next `times` sends of `id` fail (retryable or permanent).
+    /// The next `times` sends of `id` are rejected by the broker, a failure specific to the
+    /// message (`Unexpected`; retryable or permanent). Counts towards `max_attempts`.
     pub fn fail(&self, id: MessageId, times: u32, retryable: bool) {
         self.failures
             .lock()
@@ -69,6 +103,31 @@ impl FaultyProducer {
 #[async_trait]
 impl Producer for FaultyProducer {
     async fn send(&self, message: &Message) -> Result<()> {
+        if !self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(message.id)
+        {
+            self.overlaps.fetch_add(1, AtomicOrdering::SeqCst);
+        }
+        let result = self.send_inner(message).await;
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&message.id);
+        result
+    }
+}
+
+impl FaultyProducer {
+    async fn send_inner(&self, message: &Message) -> Result<()> {
+        let mut paused = self.paused.subscribe();
+        let _ = paused.wait_for(|p| !*p).await;
+        let delay = *self.delay.lock().unwrap_or_else(|p| p.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         if self.down.load(AtomicOrdering::SeqCst) {
             return Err(Error::unavailable("broker down (injected)"));
         }
@@ -83,8 +142,10 @@ impl Producer for FaultyProducer {
             }
         };
         if let Some(retryable) = injected {
-            return Err(Error::new(ErrorKind::Unavailable, "send failed (injected)")
-                .set_retryable(retryable));
+            return Err(
+                Error::new(ErrorKind::Unexpected, "send rejected (injected)")
+                    .set_retryable(retryable),
+            );
         }
         let limit = *self.hang_after.lock().unwrap_or_else(|p| p.into_inner());
         if limit.is_some_and(|l| self.confirmed.load(AtomicOrdering::SeqCst) >= l) {
@@ -306,45 +367,35 @@ pub async fn killed_relay_loses_nothing<S: TransactionalStore>(f: &Fixture<S>) {
     assert_eq!(f.outbox.stats().await.expect("stats").pending, 0);
 }
 
-/// Relay 4: broker down: messages stay pending with backoff, nothing is lost, publishing
-/// resumes by itself once the broker is back and the backoff elapsed.
+/// Relay 4 and 8: broker down: an outage counts no attempt against any message and parks
+/// nothing, however often the relay tries; publishing resumes once the broker is back.
 pub async fn broker_down_then_recovers<S: TransactionalStore>(f: &Fixture<S>) {
     let broker = MemoryBroker::new();
     let producer = Arc::new(FaultyProducer::new(&broker));
     let added = add_messages(f.outbox.as_ref(), 20, 4).await;
     let r = relay(f, producer.clone(), config("r"));
     producer.set_down(true);
-    let rep = r.tick().await.expect("tick");
-    assert!(rep.failed > 0 && rep.published == 0, "{rep:?}");
+    // Far more tries than max_attempts (3), with the retry backoff elapsed between them.
+    for _ in 0..10 {
+        let rep = r.tick().await.expect("tick");
+        assert_eq!(
+            (rep.published, rep.failed, rep.parked),
+            (0, 0, 0),
+            "{rep:?}"
+        );
+        f.clock.advance(Duration::from_secs(120));
+    }
     let stats = f.outbox.stats().await.expect("stats");
     assert_eq!((stats.pending, stats.parked), (20, 0), "all still pending");
-    let failed: Vec<_> = futures::future::join_all(added.iter().map(|m| f.outbox.get(m.id)))
-        .await
-        .into_iter()
-        .map(|s| s.expect("get").expect("stored"))
-        .filter(|s| s.attempts > 0)
-        .collect();
-    assert_eq!(failed.len() as u64, rep.failed);
-    let now = f.clock.now();
-    for s in &failed {
-        assert!(
-            s.next_attempt_at.is_some_and(|t| t > now),
-            "backoff scheduled"
-        );
-        assert!(
-            s.last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("broker down"))
+    for m in &added {
+        let s = f.outbox.get(m.id).await.expect("get").expect("stored");
+        assert_eq!(
+            (s.status, s.attempts, s.next_attempt_at),
+            (MessageStatus::Pending, 0, None),
+            "an outage is not the message's failure"
         );
     }
-    // Back up, but the backoff has not elapsed: nothing due yet.
     producer.set_down(false);
-    assert_eq!(
-        r.tick().await.expect("tick").published,
-        0,
-        "backoff respected"
-    );
-    f.clock.advance(Duration::from_secs(2));
     drain(&r).await;
     let distinct: HashSet<MessageId> = published_ids(&broker).into_iter().collect();
     assert_eq!(distinct.len(), 20, "everything published after recovery");
@@ -558,4 +609,291 @@ pub async fn run_once_drains_one_batch<S: TransactionalStore>(f: &Fixture<S>) {
     assert_eq!(r.run_once().await.expect("run_once").published, 5);
     assert_eq!(r.run_once().await.expect("run_once").published, 0);
     assert_eq!(broker.published_count(), 25);
+}
+
+/// Relay 4 and 8 in [`Relay::run`]: the broker is down for far longer than the whole retry
+/// backoff sum; nothing is parked or counted, and publishing resumes by itself.
+pub async fn outage_parks_nothing_in_run<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    let added = add_messages(f.outbox.as_ref(), 30, 6).await;
+    producer.set_down(true);
+    let r = relay(
+        f,
+        producer.clone(),
+        RelayConfig {
+            retry: RetryPolicy {
+                max_attempts: 2,
+                initial_backoff: Duration::ZERO,
+                max_backoff: Duration::ZERO,
+                ..RetryPolicy::default()
+            },
+            outage_backoff: OutageBackoff {
+                initial: Duration::from_millis(5),
+                max: Duration::from_millis(40),
+            },
+            ..config("r")
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = r.spawn(shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let stats = f.outbox.stats().await.expect("stats");
+    assert_eq!(
+        (stats.pending, stats.parked),
+        (30, 0),
+        "nothing parked while down"
+    );
+    producer.set_down(false);
+    wait_until("everything is published after the outage", || {
+        broker.published_count() >= 30
+    })
+    .await;
+    shutdown.cancel();
+    let report = running.await.expect("join").expect("run");
+    assert_eq!((report.failed, report.parked), (0, 0), "{report:?}");
+    for m in &added {
+        let s = f.outbox.get(m.id).await.expect("get").expect("stored");
+        assert_eq!((s.status, s.attempts), (MessageStatus::Dispatched, 0));
+    }
+}
+
+/// Relay 9: a relay whose lease is about to expire starts no send (and does not busy-loop
+/// fetching); once another relay took over, the stale one publishes nothing, and its late
+/// store writes on messages the new holder dispatched change nothing.
+pub async fn stale_holder_publishes_nothing<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let cfg = config("stale");
+    let lock = Arc::new(FlakyLock {
+        inner: f.lock.clone(),
+        down: AtomicBool::new(false),
+    });
+    let a = Relay::with_clock(
+        f.outbox.clone(),
+        lock.clone(),
+        Arc::new(broker.producer()),
+        cfg.clone(),
+        Arc::new(f.clock.clone()),
+    )
+    .expect("valid relay config");
+    assert!(!a.rebalance().await.expect("rebalance").is_empty());
+    let added = add_messages(f.outbox.as_ref(), 40, 8).await;
+    // The lock becomes unreachable, so the leases cannot be renewed; the clock passes the send
+    // deadline (expiry - publish_timeout - margin) but not the expiry.
+    lock.down.store(true, AtomicOrdering::SeqCst);
+    f.clock.advance(
+        cfg.lease_ttl - cfg.publish_timeout - cfg.clock_skew_margin + Duration::from_millis(10),
+    );
+    let rep = a.tick().await.expect("tick");
+    assert_eq!(
+        (rep.published, rep.batches),
+        (0, 0),
+        "no send and no fetch this close to lease expiry"
+    );
+    lock.down.store(false, AtomicOrdering::SeqCst);
+    // Expired; another relay takes over.
+    f.clock.advance(cfg.lease_ttl);
+    let b = relay(f, Arc::new(broker.producer()), config("successor"));
+    assert_eq!(
+        b.rebalance().await.expect("rebalance").len(),
+        f.outbox.shard_count() as usize
+    );
+    drain(&b).await;
+    assert_eq!(
+        a.tick().await.expect("tick").published,
+        0,
+        "stale relay publishes nothing"
+    );
+    assert!(a.held_shards().await.is_empty(), "stale relay stepped down");
+    assert_eq!(broker.published_count(), 40);
+    assert_eq!(b.stats().published, 40);
+    // The stale relay's late writes: a mark of a dispatched message changes nothing; a late
+    // failure record of it reports NotPending and leaves it dispatched.
+    let m = &added[0];
+    let before = f.outbox.get(m.id).await.expect("get").expect("stored");
+    f.outbox.mark_dispatched(&[m.id]).await.expect("late mark");
+    let late = f
+        .outbox
+        .mark_failed(
+            m.id,
+            &outbox_core::FailedAttempt {
+                error: "late".into(),
+                next_attempt_at: f.clock.now(),
+                max_attempts: 1,
+            },
+        )
+        .await
+        .expect("late failure");
+    assert_eq!(late, outbox_core::FailureOutcome::NotPending);
+    let after = f.outbox.get(m.id).await.expect("get").expect("stored");
+    assert_eq!(
+        before, after,
+        "late writes of a stale holder changed a dispatched message"
+    );
+}
+
+/// Relay 9: a second live relay with the same `instance_id` is refused with `ConfigInvalid`,
+/// by `tick`, `rebalance` and `run`; it holds no lease afterwards.
+pub async fn duplicate_instance_id_refused<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let short = RelayConfig {
+        lease_ttl: Duration::from_millis(300),
+        publish_timeout: Duration::from_millis(50),
+        clock_skew_margin: Duration::from_millis(50),
+        ..config("twin")
+    };
+    let a = relay(f, Arc::new(broker.producer()), short.clone());
+    assert!(!a.rebalance().await.expect("first twin").is_empty());
+    let b = relay(f, Arc::new(broker.producer()), short);
+    for e in [b.tick().await.err(), b.rebalance().await.err()] {
+        let e = e.expect("the second twin is refused");
+        assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+        assert!(e.to_string().contains("twin"), "names the instance id: {e}");
+    }
+    let e = tokio::time::timeout(Duration::from_secs(10), b.run(CancellationToken::new()))
+        .await
+        .expect("run gives up after one lease_ttl")
+        .expect_err("run refuses too");
+    assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
+    assert!(b.held_shards().await.is_empty());
+    assert_eq!(
+        a.rebalance().await.expect("first twin unaffected").len(),
+        f.outbox.shard_count() as usize
+    );
+}
+
+/// Relay 5: shutdown with sends in flight: they finish and are marked, every lease is
+/// released, and nothing is published after `run` returned.
+pub async fn shutdown_finishes_batch_in_flight<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    add_messages(f.outbox.as_ref(), 20, 20).await;
+    producer.pause();
+    let r = relay(f, producer.clone(), config("r"));
+    let shutdown = CancellationToken::new();
+    let running = r.spawn(shutdown.clone());
+    wait_until("sends are in flight", || {
+        !producer
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!running.is_finished(), "run waits for the sends in flight");
+    producer.resume();
+    let report = running.await.expect("join").expect("run");
+    let at_return = broker.published_count();
+    assert!(
+        at_return > 0 && report.published as usize == at_return,
+        "{report:?}"
+    );
+    let stats = f.outbox.stats().await.expect("stats");
+    assert_eq!(
+        stats.pending as usize,
+        20 - at_return,
+        "published ones were marked"
+    );
+    for shard in 0..f.outbox.shard_count() {
+        assert!(
+            f.lock
+                .current(&format!("outbox/shard/{shard}"))
+                .await
+                .expect("current")
+                .is_none(),
+            "shard {shard} still leased"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        broker.published_count(),
+        at_return,
+        "published after run returned"
+    );
+}
+
+/// Relay 2: several running relays, each publish slowed to 5 ms, never send one message
+/// concurrently and publish each exactly once; every relay does part of the work.
+pub async fn racing_relays_never_overlap<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    producer.set_delay(Duration::from_millis(5));
+    let added = add_messages(f.outbox.as_ref(), 200, 40).await;
+    let n = 3.min(f.outbox.shard_count() as usize);
+    let relays: Vec<Relay> = (0..n)
+        .map(|i| relay(f, producer.clone(), config(&format!("racer-{i}"))))
+        .collect();
+    for _round in 0..3 {
+        for r in &relays {
+            r.rebalance().await.expect("rebalance");
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let running: Vec<_> = relays.iter().map(|r| r.spawn(shutdown.clone())).collect();
+    wait_until("all published", || broker.published_count() >= added.len()).await;
+    shutdown.cancel();
+    for r in running {
+        r.await.expect("join").expect("run");
+    }
+    assert_eq!(
+        producer.overlaps(),
+        0,
+        "a message was sent by two relays at once"
+    );
+    let ids = published_ids(&broker);
+    let distinct: HashSet<MessageId> = ids.iter().copied().collect();
+    assert_eq!(ids.len(), added.len(), "published exactly once");
+    assert_eq!(distinct.len(), added.len());
+    assert_eq!(
+        order_by_key(&broker.published(TOPIC)),
+        order_by_key(&added),
+        "per-key order"
+    );
+    if f.outbox.shard_count() > 1 {
+        let busy = relays.iter().filter(|r| r.stats().published > 0).count();
+        assert!(busy >= 2, "work was not split: {busy} relay(s) published");
+    }
+}
+
+/// A lock that fails every call with a retryable `Unavailable` while `down`.
+#[derive(Debug)]
+struct FlakyLock {
+    inner: Arc<dyn outbox_core::DistributedLock>,
+    down: AtomicBool,
+}
+
+impl FlakyLock {
+    fn check(&self) -> Result<()> {
+        if self.down.load(AtomicOrdering::SeqCst) {
+            return Err(Error::unavailable("lock unreachable (injected)"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl outbox_core::DistributedLock for FlakyLock {
+    async fn acquire(
+        &self,
+        resource: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<outbox_core::Lease>> {
+        self.check()?;
+        self.inner.acquire(resource, owner, ttl).await
+    }
+    async fn renew(&self, lease: &outbox_core::Lease, ttl: Duration) -> Result<outbox_core::Lease> {
+        self.check()?;
+        self.inner.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &outbox_core::Lease) -> Result<()> {
+        self.check()?;
+        self.inner.release(lease).await
+    }
+    async fn current(&self, resource: &str) -> Result<Option<outbox_core::Lease>> {
+        self.check()?;
+        self.inner.current(resource).await
+    }
 }

@@ -559,6 +559,8 @@ fn relay_config(n: u32) -> RelayConfig {
         // Short leases so the takeover after the crash is quick.
         lease_ttl: Duration::from_millis(1500),
         publish_timeout: Duration::from_millis(500),
+        // Both relays run in this process and read one clock.
+        clock_skew_margin: Duration::from_millis(100),
         ..RelayConfig::default()
     }
 }

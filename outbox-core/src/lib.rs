@@ -24,7 +24,9 @@ pub use message::{
     TraceContext, shard_for,
 };
 pub use processor::{HandlerError, InboxProcessor, MessageHandler, ProcessOutcome, ProcessorStats};
-pub use relay::{Relay, RelayConfig, RelayHandle, RetryPolicy, RunReport};
+pub use relay::{
+    OutageBackoff, Relay, RelayConfig, RelayHandle, RelayHealth, RetryPolicy, RunReport,
+};
 pub use store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
     PendingQuery, RequeueFilter,
