@@ -58,9 +58,16 @@ pub struct Knobs {
     /// Shard lease time-to-live (default 30s).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     lease_ttl: Option<Duration>,
-    /// Longest wait for one broker confirmation, at most a third of the lease TTL (default 10s).
+    /// Longest wait for one broker confirmation (default 10s); publish timeout plus clock
+    /// skew margin must not exceed half the lease TTL.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     publish_timeout: Option<Duration>,
+    /// How much the clocks of the relays and the lock may disagree (default 2s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    clock_skew_margin: Option<Duration>,
+    /// How often to sample the store's counts for the pending/parked/age gauges (default 15s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    stats_interval: Option<Duration>,
     /// Per-key ordering (default) or none.
     #[arg(long, value_enum)]
     ordering: Option<OrderingArg>,
@@ -85,6 +92,12 @@ pub struct Knobs {
     /// Park at once on a permanent publish error (default true).
     #[arg(long, value_name = "BOOL")]
     park_on_permanent: Option<bool>,
+    /// First pause of the whole relay while the broker or store is unavailable (default 100ms).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    outage_backoff_initial: Option<Duration>,
+    /// Longest such pause (default 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    outage_backoff_max: Option<Duration>,
 }
 
 /// Ordering as typed on the command line and in the TOML file.
@@ -119,10 +132,25 @@ struct FileConfig {
     lease_ttl: Option<Duration>,
     #[serde(default, deserialize_with = "duration")]
     publish_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    clock_skew_margin: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    stats_interval: Option<Duration>,
     ordering: Option<OrderingArg>,
     lock_prefix: Option<String>,
     #[serde(default)]
     retry: FileRetry,
+    #[serde(default)]
+    outage_backoff: FileOutageBackoff,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileOutageBackoff {
+    #[serde(default, deserialize_with = "duration")]
+    initial: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    max: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +190,8 @@ impl FileConfig {
             poll_interval: self.poll_interval,
             lease_ttl: self.lease_ttl,
             publish_timeout: self.publish_timeout,
+            clock_skew_margin: self.clock_skew_margin,
+            stats_interval: self.stats_interval,
             ordering: self.ordering,
             lock_prefix: self.lock_prefix,
             max_attempts: self.retry.max_attempts,
@@ -170,6 +200,8 @@ impl FileConfig {
             backoff_multiplier: self.retry.multiplier,
             jitter: self.retry.jitter,
             park_on_permanent: self.retry.park_on_permanent,
+            outage_backoff_initial: self.outage_backoff.initial,
+            outage_backoff_max: self.outage_backoff.max,
         }
     }
 }
@@ -191,6 +223,8 @@ impl Knobs {
             poll_interval => poll_interval,
             lease_ttl => lease_ttl,
             publish_timeout => publish_timeout,
+            clock_skew_margin => clock_skew_margin,
+            stats_interval => stats_interval,
             ordering => ordering,
             lock_prefix => lock_prefix,
             max_attempts => retry.max_attempts,
@@ -199,6 +233,8 @@ impl Knobs {
             backoff_multiplier => retry.multiplier,
             jitter => retry.jitter,
             park_on_permanent => retry.park_on_permanent,
+            outage_backoff_initial => outage_backoff.initial,
+            outage_backoff_max => outage_backoff.max,
         );
     }
 }
@@ -223,7 +259,7 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
     let transport_location = TransportLocation::parse(&args.transport)?;
     let config = relay_config(&args)?;
     let opened = backend::open(&store_location, Mode::Existing).await?;
-    let producer = transport::open(&transport_location).await?;
+    let producer = transport::open(&transport_location, config.publish_timeout).await?;
     if let Some(addr) = args.metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -300,6 +336,8 @@ mod tests {
             poll_interval = "250ms"
             lease_ttl = "9s"
             publish_timeout = "2s"
+            clock_skew_margin = "1s"
+            stats_interval = "5s"
             ordering = "unordered"
             lock_prefix = "orders"
             [retry]
@@ -309,6 +347,9 @@ mod tests {
             multiplier = 1.5
             jitter = false
             park_on_permanent = false
+            [outage_backoff]
+            initial = "50ms"
+            max = "10s"
             "#,
         )
         .unwrap();
@@ -326,6 +367,10 @@ mod tests {
         assert_eq!(config.poll_interval, Duration::from_millis(250));
         assert_eq!(config.lease_ttl, Duration::from_secs(9));
         assert_eq!(config.publish_timeout, Duration::from_secs(2));
+        assert_eq!(config.clock_skew_margin, Duration::from_secs(1));
+        assert_eq!(config.stats_interval, Duration::from_secs(5));
+        assert_eq!(config.outage_backoff.initial, Duration::from_millis(50));
+        assert_eq!(config.outage_backoff.max, Duration::from_secs(10));
         assert_eq!(config.ordering, Ordering::Unordered);
         assert_eq!(config.lock_prefix, "orders");
         assert_eq!(config.retry.max_attempts, 4);

@@ -2,16 +2,23 @@
 //! API.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use outbox_core::Producer;
 
 use crate::location::TransportLocation;
 use crate::util::{CliError, CliResult, missing_feature};
 
-/// A producer for `location`. Kafka takes every other librdkafka setting from the
-/// `OUTBOX_KAFKA_*` environment variables (the URL's brokers win over
-/// `OUTBOX_KAFKA_BOOTSTRAP_SERVERS`).
-pub async fn open(location: &TransportLocation) -> CliResult<Arc<dyn Producer>> {
+/// A producer for `location` whose sends end within `publish_timeout` where the transport
+/// lets us bound them. Kafka takes every other librdkafka setting from the `OUTBOX_KAFKA_*`
+/// environment variables (the URL's brokers win over `OUTBOX_KAFKA_BOOTSTRAP_SERVERS`);
+/// without `OUTBOX_KAFKA_MESSAGE_TIMEOUT_MS` (or `..._DELIVERY_TIMEOUT_MS`) librdkafka's
+/// `message.timeout.ms` is set to `publish_timeout`, so a send the relay gave up on cannot
+/// land after its lease expired.
+pub async fn open(
+    location: &TransportLocation,
+    publish_timeout: Duration,
+) -> CliResult<Arc<dyn Producer>> {
     let context = |e: outbox_core::Error| CliError::from(e).context(format_args!("{location}"));
     match location {
         #[cfg(feature = "kafka")]
@@ -26,6 +33,16 @@ pub async fn open(location: &TransportLocation) -> CliResult<Arc<dyn Producer>> 
                 }
             }
             vars.push((format!("{prefix}BOOTSTRAP_SERVERS"), brokers.clone()));
+            let bounded = vars.iter().any(|(name, _)| {
+                name == &format!("{prefix}MESSAGE_TIMEOUT_MS")
+                    || name == &format!("{prefix}DELIVERY_TIMEOUT_MS")
+            });
+            if !bounded {
+                vars.push((
+                    format!("{prefix}MESSAGE_TIMEOUT_MS"),
+                    publish_timeout.as_millis().max(1).to_string(),
+                ));
+            }
             let config = outbox_kafka::KafkaConfig::from_env_vars(prefix, vars).map_err(context)?;
             let producer = outbox_kafka::KafkaProducer::new(&config).map_err(context)?;
             Ok(Arc::new(producer))
@@ -43,6 +60,9 @@ pub async fn open(location: &TransportLocation) -> CliResult<Arc<dyn Producer>> 
             Ok(Arc::new(producer))
         }
         #[allow(unreachable_patterns)] // every feature on: every location is handled above
-        _ => Err(missing_feature(location.feature())),
+        _ => {
+            let _ = publish_timeout;
+            Err(missing_feature(location.feature()))
+        }
     }
 }

@@ -57,7 +57,11 @@ impl RelayProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("relay exited early ({status}):\n{}", self.stderr());
             }
-            assert!(Instant::now() < deadline, "no {needle:?} in:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in:\n{}",
+                self.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -72,7 +76,11 @@ impl RelayProcess {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status.code();
             }
-            assert!(Instant::now() < deadline, "relay did not stop:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "relay did not stop:\n{}",
+                self.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -165,27 +173,26 @@ async fn assert_leases_released(store: &dyn OutboxStore, lock: &dyn DistributedL
     }
 }
 
-/// Relay flags for a test: short intervals, a unique instance id.
+/// Relay flags for a test: a unique instance id, short intervals unless `extra` sets them.
 fn relay_args(store_url: &str, transport_url: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--store",
-        store_url,
-        "--transport",
-        transport_url,
-        "--instance-id",
-        &unique("cli_relay"),
-        "--lease-ttl",
-        "12s",
-        "--publish-timeout",
-        "2s",
-        "--clock-skew-margin",
-        "1s",
-        "--stats-interval",
-        "100ms",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let mut args: Vec<String> = vec![
+        "--store".into(),
+        store_url.into(),
+        "--transport".into(),
+        transport_url.into(),
+        "--instance-id".into(),
+        unique("cli_relay"),
+    ];
+    for (flag, value) in [
+        ("--lease-ttl", "3s"),
+        ("--publish-timeout", "500ms"),
+        ("--clock-skew-margin", "500ms"),
+        ("--stats-interval", "100ms"),
+    ] {
+        if !extra.contains(&flag) {
+            args.extend([flag.to_owned(), value.to_owned()]);
+        }
+    }
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args
 }
@@ -218,7 +225,12 @@ async fn relay_publishes_a_backlog_to_rabbitmq_serves_metrics_and_stops_on_sigte
     let args = relay_args(
         &format!("sqlite://{}", path.display()),
         &format!("{amqp}{sep}exchange={exchange}"),
-        &["--metrics-addr", &format!("127.0.0.1:{port}"), "--poll-interval", "50ms"],
+        &[
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--poll-interval",
+            "50ms",
+        ],
     );
     let mut relay = RelayProcess::start(&args);
     relay.wait_for_log("publishing from").await;
@@ -230,26 +242,65 @@ async fn relay_publishes_a_backlog_to_rabbitmq_serves_metrics_and_stops_on_sigte
     let text = loop {
         let text = scrape(port);
         let settled = metric(&text, outbox_core::metrics::PUBLISHED) == Some(N as f64)
-            && metric(&text, outbox_core::metrics::PENDING) == Some(0.0);
+            && metric(&text, outbox_core::metrics::PENDING) == Some(0.0)
+            // Set at the first lease renewal (lease TTL / 3 = 1 s here), not at acquisition.
+            && metric(&text, outbox_core::metrics::LEASES_HELD).is_some();
         if settled || Instant::now() > deadline {
             break text;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(metric(&text, outbox_core::metrics::PUBLISHED), Some(N as f64), "{text}");
-    assert_eq!(metric(&text, outbox_core::metrics::PENDING), Some(0.0), "{text}");
-    assert_eq!(metric(&text, outbox_core::metrics::PARKED_NOW), Some(0.0), "{text}");
     assert_eq!(
-        metric(&text, &format!("{}_count", outbox_core::metrics::PUBLISH_LATENCY)),
+        metric(&text, outbox_core::metrics::PUBLISHED),
+        Some(N as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, outbox_core::metrics::PENDING),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, outbox_core::metrics::PARKED_NOW),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("{}_count", outbox_core::metrics::PUBLISH_LATENCY)
+        ),
         Some(N as f64),
         "one latency sample per message:\n{text}"
     );
-    assert_eq!(metric(&text, outbox_core::metrics::FAILED).unwrap_or(0.0), 0.0, "{text}");
-    let held = metric(&text, outbox_core::metrics::LEASES_HELD).unwrap_or(0.0);
-    assert_eq!(held, f64::from(store.shard_count()), "one relay holds every shard:\n{text}");
+    assert_eq!(
+        metric(&text, outbox_core::metrics::FAILED).unwrap_or(0.0),
+        0.0,
+        "{text}"
+    );
+    let shards = f64::from(store.shard_count());
+    assert_eq!(
+        metric(&text, outbox_core::metrics::LEASES_ACQUIRED),
+        Some(shards),
+        "one relay took every shard once:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, outbox_core::metrics::LEASES_HELD),
+        Some(shards),
+        "and holds them:\n{text}"
+    );
+    assert_eq!(
+        metric(&text, outbox_core::metrics::CIRCUIT_OPEN),
+        Some(0.0),
+        "{text}"
+    );
 
     assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
-    assert!(relay.stderr().contains("leases released"), "{}", relay.stderr());
+    assert!(
+        relay.stderr().contains("leases released"),
+        "{}",
+        relay.stderr()
+    );
     assert_leases_released(&store, &store.lock()).await;
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.pending, stats.parked), (0, 0));
@@ -286,7 +337,14 @@ async fn relay_wakes_on_postgres_notify_and_publishes_to_kafka() {
     let args = relay_args(
         &format!("{pg}{sep}schema={schema}"),
         &format!("kafka://{brokers}"),
-        &["--poll-interval", "60s", "--lease-ttl", "90s", "--publish-timeout", "5s"],
+        &[
+            "--poll-interval",
+            "60s",
+            "--lease-ttl",
+            "90s",
+            "--publish-timeout",
+            "5s",
+        ],
     );
     let mut relay = RelayProcess::start(&args);
     relay.wait_for_log("wakes on LISTEN").await;
@@ -294,7 +352,11 @@ async fn relay_wakes_on_postgres_notify_and_publishes_to_kafka() {
     let lock = writer.lock();
     let deadline = Instant::now() + Duration::from_secs(20);
     while lock.current("outbox/shard/0").await.unwrap().is_none() {
-        assert!(Instant::now() < deadline, "no lease taken:\n{}", relay.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "no lease taken:\n{}",
+            relay.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
