@@ -9,7 +9,9 @@ use outbox_core::{
 };
 
 use crate::location::StoreLocation;
-use crate::util::{CliError, CliResult, missing_feature};
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
+use crate::util::CliError;
+use crate::util::{CliResult, missing_feature};
 
 /// An open store and the distributed lock that lives beside it.
 pub struct Opened {
@@ -40,6 +42,7 @@ pub enum Mode {
     Existing,
 }
 
+#[cfg(feature = "postgres")]
 fn run_init(location: &StoreLocation) -> CliError {
     CliError::new(format!("the outbox tables do not exist at {location}"))
         .hint("create them with `outbox init` (check ?schema= and ?prefix= first)")
@@ -47,6 +50,7 @@ fn run_init(location: &StoreLocation) -> CliError {
 
 /// Open the store at `location`. With [`Mode::Init`], create what is missing first.
 pub async fn open(location: &StoreLocation, mode: Mode) -> CliResult<Opened> {
+    #[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
     let context = |e: outbox_core::Error| CliError::from(e).context(format_args!("{location}"));
     match location {
         #[cfg(feature = "sqlite")]

@@ -7,7 +7,9 @@ use std::time::Duration;
 use outbox_core::Producer;
 
 use crate::location::TransportLocation;
-use crate::util::{CliError, CliResult, missing_feature};
+#[cfg(any(feature = "kafka", feature = "rabbitmq"))]
+use crate::util::CliError;
+use crate::util::{CliResult, missing_feature};
 
 /// A producer for `location` whose sends end within `publish_timeout` where the transport
 /// lets us bound them. Kafka takes every other librdkafka setting from the `OUTBOX_KAFKA_*`
@@ -19,6 +21,7 @@ pub async fn open(
     location: &TransportLocation,
     publish_timeout: Duration,
 ) -> CliResult<Arc<dyn Producer>> {
+    #[cfg(any(feature = "kafka", feature = "rabbitmq"))]
     let context = |e: outbox_core::Error| CliError::from(e).context(format_args!("{location}"));
     match location {
         #[cfg(feature = "kafka")]

@@ -28,6 +28,10 @@ impl CliError {
     }
 
     /// What the user can do about it, printed on its own line.
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")),
+        allow(dead_code)
+    )]
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
         self

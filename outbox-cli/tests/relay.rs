@@ -296,6 +296,17 @@ async fn relay_publishes_a_backlog_to_rabbitmq_serves_metrics_and_stops_on_sigte
     );
 
     assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
+    if let Some((_, rest)) = amqp.split_once("://")
+        && let Some((userinfo, _)) = rest.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+    {
+        let log = relay.stderr();
+        assert!(
+            !log.contains(&format!(":{password}@")),
+            "password shown:\n{log}"
+        );
+        assert!(log.contains(":***@"), "{log}");
+    }
     assert!(
         relay.stderr().contains("leases released"),
         "{}",
