@@ -574,7 +574,11 @@ impl OutboxStore for DynamoDbStore {
                 continue;
             };
             let stored = classify(shard, slot_of(item)?, item).to_stored(shard_count);
-            if query.status.is_none_or(|st| st == stored.status) {
+            let key_matches = query
+                .key
+                .as_ref()
+                .is_none_or(|k| stored.message.key.as_ref() == Some(k));
+            if key_matches && query.status.is_none_or(|st| st == stored.status) {
                 all.push(stored);
             }
         }

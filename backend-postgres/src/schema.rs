@@ -106,6 +106,7 @@ pub(crate) struct Sql {
     pub(crate) stats: Arc<str>,
     pub(crate) purge_dispatched: Arc<str>,
     pub(crate) list: Arc<str>,
+    pub(crate) dispatched_since: Arc<str>,
     pub(crate) inbox_insert: Arc<str>,
     pub(crate) inbox_contains: Arc<str>,
     pub(crate) inbox_purge: Arc<str>,
@@ -236,7 +237,11 @@ impl Sql {
             )),
             list: stmt(format!(
                 "SELECT {cols} FROM {m} WHERE ($1::text IS NULL OR status = $1) \
-                 AND ($2::text IS NULL OR topic = $2) ORDER BY sequence LIMIT $3"
+                 AND ($2::text IS NULL OR topic = $2) AND ($3::text IS NULL OR key = $3) \
+                 ORDER BY sequence LIMIT $4"
+            )),
+            dispatched_since: stmt(format!(
+                "SELECT count(*) FROM {m} WHERE status = 'dispatched' AND dispatched_at >= $1"
             )),
             // An expired entry that was not purged yet counts as absent: it is taken over.
             inbox_insert: stmt(format!(

@@ -486,11 +486,21 @@ impl OutboxStore for PgStore {
         let rows = sqlx::query(q(&self.core.sql.list))
             .bind(query.status.map(|s| s.as_str()))
             .bind(query.topic.as_deref())
+            .bind(query.key.as_deref())
             .bind(to_i64(limit))
             .fetch_all(&self.core.pool)
             .await
             .map_err(|e| parse_error_with(e, "listing messages"))?;
         rows_to_messages(rows)
+    }
+
+    async fn dispatched_since(&self, since: DateTime<Utc>) -> Result<Option<u64>> {
+        let n: i64 = sqlx::query_scalar(q(&self.core.sql.dispatched_since))
+            .bind(since)
+            .fetch_one(&self.core.pool)
+            .await
+            .map_err(|e| parse_error_with(e, "counting dispatched messages"))?;
+        Ok(Some(u64::try_from(n).unwrap_or(0)))
     }
 }
 

@@ -109,6 +109,7 @@ pub(crate) struct Sql {
     pub(crate) stats: String,
     pub(crate) purge_dispatched: String,
     pub(crate) list: String,
+    pub(crate) dispatched_since: String,
     pub(crate) inbox_insert: String,
     pub(crate) inbox_contains: String,
     pub(crate) inbox_purge: String,
@@ -186,7 +187,11 @@ impl Sql {
             ),
             list: format!(
                 "SELECT {cols} FROM {m} WHERE (?1 IS NULL OR status = ?1) \
-                 AND (?2 IS NULL OR topic = ?2) ORDER BY sequence LIMIT ?3"
+                 AND (?2 IS NULL OR topic = ?2) AND (?3 IS NULL OR key = ?3) \
+                 ORDER BY sequence LIMIT ?4"
+            ),
+            dispatched_since: format!(
+                "SELECT count(*) FROM {m} WHERE status = 'dispatched' AND dispatched_at >= ?1"
             ),
             inbox_insert: format!(
                 "INSERT INTO {i} (message_id, handler_key, inserted_at, expires_at) \

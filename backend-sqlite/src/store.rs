@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::{
-    Capabilities, Error, FailedAttempt, FailureOutcome, InboxEntry, InboxStore, InsertOutcome,
-    ListQuery, Message, MessageId, OutboxStats, OutboxStore, PendingQuery, RequeueFilter, Result,
-    SharedClock, StoredMessage, TransactionalStore, async_trait, truncate_micros,
+    Capabilities, DateTime, Error, FailedAttempt, FailureOutcome, InboxEntry, InboxStore,
+    InsertOutcome, ListQuery, Message, MessageId, OutboxStats, OutboxStore, PendingQuery,
+    RequeueFilter, Result, SharedClock, StoredMessage, TransactionalStore, Utc, async_trait,
+    truncate_micros,
 };
 use rusqlite::{Connection, OptionalExtension, named_params, params};
 
@@ -86,6 +87,48 @@ impl SqliteStore {
                 config,
             }),
         })
+    }
+
+    /// Open an outbox that [`open`](Self::open) created before, creating nothing: for
+    /// operators' tools, where a mistyped path or table prefix must be an error rather than a
+    /// new, empty outbox. Then like [`open`](Self::open) (which brings the schema up to date).
+    ///
+    /// # Errors
+    /// `NotFound` when the file does not exist or holds no outbox tables under the
+    /// configured prefix; otherwise as [`open`](Self::open).
+    pub async fn open_existing(config: SqliteConfig) -> Result<SqliteStore> {
+        config.validate()?;
+        let path = config.path().to_owned();
+        if !path.is_file() {
+            return Err(Error::new(
+                outbox_core::ErrorKind::NotFound,
+                format!("sqlite database file {} does not exist", path.display()),
+            ));
+        }
+        let settings = ConnSettings::from_config(&config);
+        let table = format!("{}schema_version", config.table_prefix());
+        let found = tokio::task::spawn_blocking(move || -> Result<bool> {
+            let conn = settings.open()?;
+            conn.query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+                [&table],
+                |r| r.get(0),
+            )
+            .map_err(|e| parse_error_with(e, "looking for the outbox tables"))
+        })
+        .await
+        .map_err(|e| Error::unexpected("the sqlite open task failed").with_source(e))??;
+        if !found {
+            return Err(Error::new(
+                outbox_core::ErrorKind::NotFound,
+                format!(
+                    "{} holds no outbox tables with table prefix {:?}",
+                    path.display(),
+                    config.table_prefix()
+                ),
+            ));
+        }
+        Self::open(config).await
     }
 
     /// The configuration the store was opened with.
@@ -442,6 +485,7 @@ impl OutboxStore for SqliteStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<StoredMessage>> {
         let status = query.status.map(|s| s.as_str());
         let topic = query.topic.clone();
+        let key = query.key.clone();
         let limit = if query.limit == 0 {
             DEFAULT_LIST_LIMIT
         } else {
@@ -451,9 +495,23 @@ impl OutboxStore for SqliteStore {
             collect_messages(
                 c,
                 &core.sql.list,
-                params![status, topic, to_i64(limit)],
+                params![status, topic, key, to_i64(limit)],
                 "listing messages",
             )
+        })
+        .await
+    }
+
+    async fn dispatched_since(&self, since: DateTime<Utc>) -> Result<Option<u64>> {
+        let since = to_micros(since);
+        self.read(move |c, core| {
+            let ctx = |e| parse_error_with(e, "counting dispatched messages");
+            let n: i64 = c
+                .prepare_cached(&core.sql.dispatched_since)
+                .map_err(ctx)?
+                .query_row(params![since], |r| r.get(0))
+                .map_err(ctx)?;
+            Ok(Some(u64::try_from(n).unwrap_or(0)))
         })
         .await
     }

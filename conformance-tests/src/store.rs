@@ -1310,14 +1310,52 @@ pub async fn invalid_input<S: TransactionalStore>(f: &Fixture<S>) {
     assert_eq!(ok(store.stats().await, "stats"), OutboxStats::default());
 }
 
-/// `list`: filters by status and topic, store sequence order, at most `limit`, 100 when 0.
+/// `dispatched_since`: `None` (the backend cannot count) or the exact number of messages
+/// dispatched at or after the instant; pending and parked messages never count.
+pub async fn dispatched_since_counts<S: TransactionalStore>(f: &Fixture<S>) {
+    let store = &*f.outbox;
+    let start = f.clock.now();
+    if ok(store.dispatched_since(start).await, "dispatched_since").is_none() {
+        return; // not supported by this backend: the default method
+    }
+    let early: Vec<Message> = (0..3).map(|_| msg("since")).collect();
+    let late: Vec<Message> = (0..2).map(|_| msg("since")).collect();
+    let pending = msg("since");
+    let parked = msg("since");
+    for m in early.iter().chain(&late).chain([&pending, &parked]) {
+        add(store, m).await;
+    }
+    ok(
+        store.mark_dispatched(&ids_of(&early)).await,
+        "mark_dispatched",
+    );
+    f.clock.advance(Duration::from_secs(60));
+    let middle = f.clock.now();
+    ok(
+        store.mark_dispatched(&ids_of(&late)).await,
+        "mark_dispatched",
+    );
+    park(store, &f.clock, parked.id).await;
+    f.clock.advance(Duration::from_secs(60));
+    let count = |since| async move { ok(store.dispatched_since(since).await, "dispatched_since") };
+    assert_eq!(count(start).await, Some(5), "dispatched since the start");
+    assert_eq!(
+        count(middle).await,
+        Some(2),
+        "dispatched at or after the middle"
+    );
+    assert_eq!(count(f.clock.now()).await, Some(0), "dispatched since now");
+}
+
+/// `list`: filters by status, topic and key, store sequence order, at most `limit`, 100 when 0.
 pub async fn list_filters_and_order<S: TransactionalStore>(f: &Fixture<S>) {
     let store = &*f.outbox;
-    let a = msg("x");
-    let b = msg("y");
-    let c = msg("x");
-    let d = msg("x");
-    for m in [&a, &b, &c, &d] {
+    let a = keyed("x", "k1");
+    let b = keyed("y", "k1");
+    let c = keyed("x", "k2");
+    let d = keyed("x", "k1");
+    let e = msg("x");
+    for m in [&a, &b, &c, &d, &e] {
         add(store, m).await;
     }
     ok(store.mark_dispatched(&[b.id]).await, "mark_dispatched");
@@ -1325,20 +1363,35 @@ pub async fn list_filters_and_order<S: TransactionalStore>(f: &Fixture<S>) {
     let list = |status: Option<MessageStatus>, topic: Option<&str>, limit: usize| ListQuery {
         status,
         topic: topic.map(str::to_owned),
+        key: None,
         limit,
     };
+    let by_key = |key: &str, topic: Option<&str>, status: Option<MessageStatus>, limit| ListQuery {
+        key: Some(key.to_owned()),
+        ..list(status, topic, limit)
+    };
     let cases = [
-        (list(None, None, 0), vec![a.id, b.id, c.id, d.id]),
+        (list(None, None, 0), vec![a.id, b.id, c.id, d.id, e.id]),
         (
             list(Some(MessageStatus::Pending), None, 0),
-            vec![a.id, d.id],
+            vec![a.id, d.id, e.id],
         ),
         (list(Some(MessageStatus::Dispatched), None, 0), vec![b.id]),
-        (list(None, Some("x"), 0), vec![a.id, c.id, d.id]),
+        (list(None, Some("x"), 0), vec![a.id, c.id, d.id, e.id]),
         (list(Some(MessageStatus::Parked), Some("x"), 0), vec![c.id]),
         (list(Some(MessageStatus::Parked), Some("y"), 0), vec![]),
         (list(None, None, 2), vec![a.id, b.id]),
         (list(None, Some("x"), 1), vec![a.id]),
+        (by_key("k1", None, None, 0), vec![a.id, b.id, d.id]),
+        (by_key("k1", Some("x"), None, 0), vec![a.id, d.id]),
+        (
+            by_key("k1", None, Some(MessageStatus::Dispatched), 0),
+            vec![b.id],
+        ),
+        (by_key("k2", None, None, 0), vec![c.id]),
+        (by_key("k2", Some("y"), None, 0), vec![]),
+        (by_key("k3", None, None, 0), vec![]),
+        (by_key("k1", None, None, 1), vec![a.id]),
     ];
     for (q, expected) in cases {
         let got = ok(store.list(&q).await, "list");

@@ -42,6 +42,7 @@ enum Flaw {
     MillisTimestamps,
     WrongShard,
     ListIgnoresTopic,
+    ListIgnoresKey,
     NoBatchLimitCheck,
     TxAddImmediate,
     TxCommitReversesAdds,
@@ -163,6 +164,7 @@ impl OutboxStore for Mutant {
                     .list(&ListQuery {
                         status: Some(MessageStatus::Pending),
                         topic: None,
+                        key: None,
                         limit: 10_000,
                     })
                     .await?;
@@ -205,6 +207,7 @@ impl OutboxStore for Mutant {
             let q = ListQuery {
                 status: Some(MessageStatus::Pending),
                 topic: None,
+                key: None,
                 limit: 1,
             };
             let first = self.inner.list(&q).await?;
@@ -227,6 +230,9 @@ impl OutboxStore for Mutant {
         let mut q = q.clone();
         if self.flaw == Flaw::ListIgnoresTopic {
             q.topic = None;
+        }
+        if self.flaw == Flaw::ListIgnoresKey {
+            q.key = None;
         }
         self.inner.list(&q).await
     }
@@ -595,6 +601,7 @@ async fn store_cases_catch_state_flaws() {
         store::purge_dispatched_retention_and_limit
     );
     catches!(Flaw::ListIgnoresTopic, store::list_filters_and_order);
+    catches!(Flaw::ListIgnoresKey, store::list_filters_and_order);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -17,7 +17,7 @@ use outbox_core::{
     MessageHandler, OutboxStore, ProcessOutcome, Producer, Relay, RelayConfig, RelayHandle,
     RunReport, Transaction, TransactionalStore, async_trait,
 };
-use outbox_sqlite::{SqliteStore, SqliteTx};
+use outbox_sqlite::{SqliteStore, SqliteTx, rusqlite};
 use tokio::task::JoinHandle;
 
 use crate::store::{self, Durability};

@@ -3,25 +3,57 @@
 use std::fmt;
 use std::time::Duration;
 
-/// An error reported to the user as `error: <message>` with a non-zero exit code.
+/// An error reported to the user as `error: <message>` (and `hint: <hint>`) with a non-zero
+/// exit code. Printed through [`scrub`](crate::location::scrub), so no password of a location
+/// reaches the terminal even when a client library quotes one.
 #[derive(Debug)]
-pub struct CliError(String);
+pub struct CliError {
+    message: String,
+    hint: Option<String>,
+}
 
 impl CliError {
     /// An error with this message.
     pub fn new(message: impl Into<String>) -> Self {
-        CliError(message.into())
+        CliError {
+            message: message.into(),
+            hint: None,
+        }
     }
 
     /// Prefix the message with what was being done, e.g. `opening orders.db: ...`.
-    pub fn context(self, what: impl fmt::Display) -> Self {
-        CliError(format!("{what}: {}", self.0))
+    pub fn context(mut self, what: impl fmt::Display) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
     }
+
+    /// What the user can do about it, printed on its own line.
+    #[cfg_attr(
+        not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")),
+        allow(dead_code)
+    )]
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// The hint, if any.
+    pub fn hint_text(&self) -> Option<&str> {
+        self.hint.as_deref()
+    }
+}
+
+/// The error for a location whose backend or transport this build was compiled without.
+pub fn missing_feature(feature: &str) -> CliError {
+    CliError::new(format!(
+        "this build of outbox has no {feature} support (build outbox-cli with the cargo \
+         feature `{feature}`)"
+    ))
 }
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 
@@ -32,25 +64,40 @@ impl From<outbox_core::Error> for CliError {
     /// (those are for logs; a person at a terminal wants the sentence).
     fn from(e: outbox_core::Error) -> Self {
         let mut text = e.message().to_owned();
-        if let Some(source) = std::error::Error::source(&e) {
-            let source = source.to_string();
-            if !text.contains(&source) {
-                text = format!("{text}: {source}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !text.contains(&s_text) {
+                text = format!("{text}: {s_text}");
             }
+            source = s.source();
         }
-        CliError(text)
+        CliError::new(text)
     }
 }
 
-impl From<rusqlite::Error> for CliError {
-    fn from(e: rusqlite::Error) -> Self {
-        CliError(format!("sqlite: {e}"))
+#[cfg(feature = "sqlite")]
+impl From<outbox_sqlite::rusqlite::Error> for CliError {
+    fn from(e: outbox_sqlite::rusqlite::Error) -> Self {
+        CliError::new(format!("sqlite: {e}"))
     }
 }
 
 impl From<std::io::Error> for CliError {
     fn from(e: std::io::Error) -> Self {
-        CliError(e.to_string())
+        CliError::new(e.to_string())
+    }
+}
+
+/// Print `text` and a newline on stdout. A closed pipe (`outbox list | head`) ends the
+/// process quietly with exit code 0 instead of a panic.
+pub fn out(text: impl fmt::Display) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{text}").and_then(|()| stdout.flush())
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
     }
 }
 

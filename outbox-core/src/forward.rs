@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::error::Result;
 use crate::inbox::{InboxEntry, InboxStore, InsertOutcome};
@@ -48,6 +49,9 @@ macro_rules! forward {
             }
             async fn list(&self, query: &ListQuery) -> Result<Vec<StoredMessage>> {
                 (**self).list(query).await
+            }
+            async fn dispatched_since(&self, since: DateTime<Utc>) -> Result<Option<u64>> {
+                (**self).dispatched_since(since).await
             }
         }
 

@@ -80,6 +80,8 @@ pub struct ListQuery {
     pub status: Option<MessageStatus>,
     /// Only this topic.
     pub topic: Option<String>,
+    /// Only messages with this key (messages without a key never match).
+    pub key: Option<String>,
     /// At most this many (store order). `0` means the store's default of 100.
     pub limit: usize,
 }
@@ -253,4 +255,15 @@ pub trait OutboxStore: Send + Sync + std::fmt::Debug {
     /// # Behavior
     /// Matching messages in store sequence order, at most `limit` (100 when 0).
     async fn list(&self, query: &ListQuery) -> Result<Vec<StoredMessage>>;
+
+    /// How many messages were marked dispatched at or after `since` (operators' view, e.g.
+    /// "dispatched in the last hour"; purged messages are not counted).
+    ///
+    /// # Behavior
+    /// `Ok(None)` when the backend cannot count this cheaply (the default); otherwise the
+    /// exact count at the time of the call.
+    async fn dispatched_since(&self, since: DateTime<Utc>) -> Result<Option<u64>> {
+        let _ = since;
+        Ok(None)
+    }
 }

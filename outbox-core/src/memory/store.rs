@@ -588,9 +588,20 @@ impl OutboxStore for MemoryStore {
             .values()
             .filter(|m| query.status.is_none_or(|s| m.status == s))
             .filter(|m| query.topic.as_ref().is_none_or(|t| &m.message.topic == t))
+            .filter(|m| {
+                query
+                    .key
+                    .as_ref()
+                    .is_none_or(|k| m.message.key.as_ref() == Some(k))
+            })
             .take(limit)
             .cloned()
             .collect())
+    }
+
+    async fn dispatched_since(&self, since: DateTime<Utc>) -> Result<Option<u64>> {
+        let st = self.lock();
+        Ok(Some(st.dispatched.range((since, 0)..).count() as u64))
     }
 }
 
