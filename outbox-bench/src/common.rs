@@ -136,7 +136,11 @@ pub fn payload(size: usize) -> Bytes {
 /// `n` messages on `topic` with `size`-byte payloads, keys cycling over `keys` distinct
 /// values.
 pub fn messages(topic: &str, n: usize, keys: usize, size: usize) -> Result<Vec<Message>> {
-    let body = payload(size);
+    messages_with(topic, n, keys, &payload(size))
+}
+
+/// `n` messages on `topic` carrying `body`, keys cycling over `keys` distinct values.
+pub fn messages_with(topic: &str, n: usize, keys: usize, body: &Bytes) -> Result<Vec<Message>> {
     (0..n)
         .map(|i| {
             Message::builder(topic)

@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+mod backends;
+mod brokers;
 mod cli;
 mod common;
 mod dynamo;

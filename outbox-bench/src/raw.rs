@@ -98,6 +98,15 @@ impl RawRabbit {
         Ok(())
     }
 
+    /// Remove every message from `queue` (between passes).
+    pub async fn purge(&self, queue: &str) -> Result<()> {
+        self.channel
+            .queue_purge(queue.into(), lapin::options::QueuePurgeOptions::default())
+            .await
+            .map_err(amqp_err)?;
+        Ok(())
+    }
+
     /// Publish one message and wait for its confirm; the time it took.
     pub async fn publish_one(&self, topic: &str, payload: &Bytes) -> Result<Duration> {
         let start = Instant::now();

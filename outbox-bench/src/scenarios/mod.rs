@@ -1,6 +1,7 @@
 //! The scenarios, and the targets they are judged against.
 
 mod deposit;
+mod relay;
 
 use outbox_core::Result;
 
@@ -11,13 +12,18 @@ use crate::common::Ctx;
 pub async fn run(ctx: &mut Ctx, scenario: Scenario, case: Case) -> Result<()> {
     match scenario {
         Scenario::Deposit => deposit::run(ctx, case).await,
+        Scenario::Relay => relay::run(ctx, case).await,
         _ => Ok(()),
     }
 }
 
 /// Progress steps of a scenario with `cases` cases (one per pass and case).
-pub fn steps(_scenario: Scenario, cases: usize, passes: u32) -> u64 {
-    cases as u64 * (u64::from(passes) + 1)
+pub fn steps(scenario: Scenario, cases: usize, passes: u32) -> u64 {
+    let per_case = match scenario {
+        Scenario::Relay => relay::KEY_COUNTS.len() as u64,
+        _ => 1,
+    };
+    cases as u64 * per_case * (u64::from(passes) + 1)
 }
 
 /// Judge the targets P1–P7 from the report.
