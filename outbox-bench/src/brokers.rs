@@ -25,6 +25,12 @@ pub trait Broker: Send + Sync {
     fn topic(&self) -> String;
     /// Publish `n` messages from memory with the raw client; return when all are confirmed.
     async fn raw_publish(&self, n: usize, keys: usize, payload: &Bytes) -> Result<()>;
+    /// Publish one message with the raw client and wait for its confirm; the time it took.
+    async fn raw_publish_one(&self, payload: &Bytes) -> Result<std::time::Duration> {
+        let start = std::time::Instant::now();
+        self.raw_publish(1, 1, payload).await?;
+        Ok(start.elapsed())
+    }
     /// Start a new pass: empty what the last one left (queue, topic, memory).
     async fn next_pass(&mut self, ctx: &mut Ctx) -> Result<()>;
     /// Remove what was created.
@@ -114,6 +120,10 @@ impl Broker for Rabbit {
         self.raw.publish(&self.topic(), n, keys, payload).await
     }
 
+    async fn raw_publish_one(&self, payload: &Bytes) -> Result<std::time::Duration> {
+        self.raw.publish_one(&self.topic(), payload).await
+    }
+
     async fn next_pass(&mut self, _ctx: &mut Ctx) -> Result<()> {
         self.raw.purge(&self.topology.queue).await
     }
@@ -153,6 +163,10 @@ impl Broker for Kafka {
 
     async fn raw_publish(&self, n: usize, keys: usize, payload: &Bytes) -> Result<()> {
         self.raw.publish(&self.topic(), n, keys, payload).await
+    }
+
+    async fn raw_publish_one(&self, payload: &Bytes) -> Result<std::time::Duration> {
+        self.raw.publish_one(&self.topic(), payload).await
     }
 
     async fn next_pass(&mut self, ctx: &mut Ctx) -> Result<()> {

@@ -24,6 +24,8 @@ use crate::common::Ctx;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Smoke mode: one measured pass after the warm-up.
+    let passes = if cli.quick { 1 } else { cli.passes };
     let plan = match cli::plan(cli.scenario, &cli.filters) {
         Ok(p) => p,
         Err(e) => {
@@ -37,7 +39,7 @@ async fn main() -> ExitCode {
     let steps: u64 = plan
         .runs
         .iter()
-        .map(|(s, cases)| scenarios::steps(*s, cases.len(), cli.passes))
+        .map(|(s, cases)| scenarios::steps(*s, cases.len(), passes))
         .sum();
     let progress = if interactive {
         let bar = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
@@ -49,7 +51,7 @@ async fn main() -> ExitCode {
     } else {
         ProgressBar::hidden()
     };
-    let mut ctx = Ctx::new(cli.quick, cli.passes, progress);
+    let mut ctx = Ctx::new(cli.quick, passes, progress);
     let started = Instant::now();
     for (scenario, cases) in &plan.runs {
         for case in cases {

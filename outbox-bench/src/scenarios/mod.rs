@@ -1,6 +1,7 @@
 //! The scenarios, and the targets they are judged against.
 
 mod deposit;
+mod latency;
 mod relay;
 
 use outbox_core::Result;
@@ -13,6 +14,7 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, case: Case) -> Result<()> {
     match scenario {
         Scenario::Deposit => deposit::run(ctx, case).await,
         Scenario::Relay => relay::run(ctx, case).await,
+        Scenario::Latency => latency::run(ctx, case).await,
         _ => Ok(()),
     }
 }
