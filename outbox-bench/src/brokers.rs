@@ -23,6 +23,10 @@ pub trait Broker: Send + Sync {
     fn producer(&self) -> Arc<dyn Producer>;
     /// The topic messages of this pass go to.
     fn topic(&self) -> String;
+    /// The exchange published to (RabbitMQ only).
+    fn exchange(&self) -> Option<String> {
+        None
+    }
     /// Publish `n` messages from memory with the raw client; return when all are confirmed.
     async fn raw_publish(&self, n: usize, keys: usize, payload: &Bytes) -> Result<()>;
     /// Publish one message with the raw client and wait for its confirm; the time it took.
@@ -114,6 +118,10 @@ impl Broker for Rabbit {
 
     fn topic(&self) -> String {
         "bench.relay".to_owned()
+    }
+
+    fn exchange(&self) -> Option<String> {
+        Some(self.topology.exchange.clone())
     }
 
     async fn raw_publish(&self, n: usize, keys: usize, payload: &Bytes) -> Result<()> {

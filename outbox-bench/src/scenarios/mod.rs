@@ -3,6 +3,7 @@
 mod deposit;
 mod latency;
 mod relay;
+mod scaling;
 
 use outbox_core::Result;
 
@@ -15,6 +16,7 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, case: Case) -> Result<()> {
         Scenario::Deposit => deposit::run(ctx, case).await,
         Scenario::Relay => relay::run(ctx, case).await,
         Scenario::Latency => latency::run(ctx, case).await,
+        Scenario::Scaling => scaling::run(ctx, case).await,
         _ => Ok(()),
     }
 }
