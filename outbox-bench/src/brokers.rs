@@ -103,11 +103,6 @@ impl Rabbit {
             topology,
         })
     }
-
-    /// The queue the exchange routes to.
-    pub fn topology(&self) -> &Topology {
-        &self.topology
-    }
 }
 
 #[async_trait]

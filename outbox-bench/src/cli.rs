@@ -171,15 +171,6 @@ pub struct Plan {
     pub runs: Vec<(Scenario, Vec<Case>)>,
 }
 
-impl Plan {
-    /// Whether `case` of `scenario` is selected.
-    pub fn selects(&self, scenario: Scenario, case: Case) -> bool {
-        self.runs
-            .iter()
-            .any(|(s, cases)| *s == scenario && cases.contains(&case))
-    }
-}
-
 /// Resolve the scenario and filter words into a plan.
 ///
 /// # Errors
@@ -251,8 +242,6 @@ mod tests {
             plan.runs,
             vec![(Scenario::Relay, vec![&[Word::Postgres, Word::Rabbitmq][..]])]
         );
-        assert!(plan.selects(Scenario::Relay, &[Word::Postgres, Word::Rabbitmq]));
-        assert!(!plan.selects(Scenario::Relay, &[Word::Postgres, Word::Kafka]));
     }
 
     #[test]

@@ -140,9 +140,10 @@ impl<C: Consumer> CountingConsumer<C> {
         *self.first.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The wrapped consumer.
-    pub fn inner(&self) -> &C {
-        &self.inner
+    /// Start counting again (between runs on the same consumer).
+    pub fn reset(&self) {
+        *self.first.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.acked.store(0, AtomicOrdering::Relaxed);
     }
 }
 

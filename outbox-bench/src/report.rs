@@ -45,6 +45,8 @@ pub struct Report {
     pub targets: Vec<TargetResult>,
     /// Cases that failed, with the error.
     pub failures: Vec<String>,
+    /// Further markdown tables (the DynamoDB cost table).
+    pub tables: Vec<String>,
     /// Free-form notes (counts used, caveats).
     pub notes: Vec<String>,
 }
@@ -108,8 +110,14 @@ impl Report {
                 );
             }
         }
+        for t in &self.tables {
+            let _ = write!(out, "\n{t}");
+        }
+        if !self.notes.is_empty() {
+            out.push('\n');
+        }
         for n in &self.notes {
-            let _ = writeln!(out, "\n- {n}");
+            let _ = writeln!(out, "- {n}");
         }
         for f in &self.failures {
             let _ = writeln!(out, "\n**FAILED**: {f}");
