@@ -95,6 +95,9 @@ impl Report {
                 r.passes.len()
             );
         }
+        for t in &self.tables {
+            let _ = write!(out, "\n{t}");
+        }
         if !self.targets.is_empty() {
             out.push_str("\n| target | | figures | |\n|---|---|---|---|\n");
             for t in &self.targets {
@@ -109,9 +112,6 @@ impl Report {
                     t.id, t.target, t.figure
                 );
             }
-        }
-        for t in &self.tables {
-            let _ = write!(out, "\n{t}");
         }
         if !self.notes.is_empty() {
             out.push('\n');

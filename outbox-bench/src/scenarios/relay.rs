@@ -39,7 +39,7 @@ pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
         [Word::Dynamodb, Word::Kafka] => (
             Box::new(DynamoBackend::new(ctx, Default::default()).await?),
             Box::new(Kafka::new(ctx)?),
-            ctx.count(1_000, 50),
+            ctx.count(1_000, 20),
         ),
         _ => return Err(Error::invalid_input("relay: unknown case")),
     };
