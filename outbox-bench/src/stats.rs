@@ -11,7 +11,7 @@ pub fn median(values: &[f64]) -> Option<f64> {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
-    Some(if v.len() % 2 == 0 {
+    Some(if v.len().is_multiple_of(2) {
         (v[mid - 1] + v[mid]) / 2.0
     } else {
         v[mid]
@@ -21,7 +21,7 @@ pub fn median(values: &[f64]) -> Option<f64> {
 /// `a / b` pass by pass (the ratio taken inside one pass). `None` where `b` is zero or the
 /// lengths differ.
 pub fn ratios(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
-    if a.len() != b.len() || b.iter().any(|&x| x == 0.0) {
+    if a.len() != b.len() || b.contains(&0.0) {
         return None;
     }
     Some(a.iter().zip(b).map(|(x, y)| x / y).collect())

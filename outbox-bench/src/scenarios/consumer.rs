@@ -156,7 +156,7 @@ async fn measure(ctx: &mut Ctx, case: Case, backend: &PgBackend) -> Result<()> {
     drop(counted);
     let cleaned = match &source {
         Source::Rabbit(t) => drop_topology(ctx, t).await,
-        Source::Kafka(topic) => drop_topics(ctx, &[topic.clone()]).await,
+        Source::Kafka(topic) => drop_topics(ctx, std::slice::from_ref(topic)).await,
     };
     let (lib, hand) = result?;
     cleaned?;
