@@ -72,7 +72,7 @@ enum Source {
 
 async fn measure(ctx: &mut Ctx, case: Case, backend: &PgBackend) -> Result<()> {
     let label = format!("{}, 1000 keys", case_label(case));
-    let n = ctx.count(2_000, 50);
+    let n = ctx.count(1_000, 50);
     let schema = &backend.schema;
     let insert_order = format!("INSERT INTO \"{schema}\".bench_orders (id) VALUES ($1)");
     let insert_inbox = format!(

@@ -47,9 +47,8 @@ pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
         _ => return Err(Error::invalid_input("deposit: unknown case")),
     };
     let n = match case {
-        [Word::Dynamodb] => ctx.count(30, 3),
-        [Word::Sqlite] => ctx.count(400, 5),
-        _ => ctx.count(400, 5),
+        [Word::Dynamodb] => ctx.count(10, 3),
+        _ => ctx.count(150, 5),
     };
     let result = measure(ctx, case, depositor.as_ref(), n).await;
     let cleaned = depositor.cleanup().await;

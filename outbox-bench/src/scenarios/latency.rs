@@ -65,7 +65,7 @@ async fn measure(
     broker: &mut dyn Broker,
 ) -> Result<()> {
     let label = case_label(case);
-    let n = ctx.count(2_000, 100);
+    let n = ctx.count(1_500, 100);
     let wakes = [Wake::Notify, Wake::Listen, Wake::Poll];
     // Per wake-up: p50, p99, max; and the baseline's.
     let mut lib: Vec<[Series; 3]> = vec![Default::default(); wakes.len()];

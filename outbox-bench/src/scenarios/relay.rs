@@ -24,22 +24,22 @@ pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
         [Word::Sqlite, Word::Memory] => (
             Box::new(SqliteBackend::new().await?),
             Box::new(Memory::new()),
-            ctx.count(50_000, 300),
+            ctx.count(20_000, 300),
         ),
         [Word::Postgres, Word::Rabbitmq] => (
             Box::new(PgBackend::new(ctx, false).await?),
             Box::new(Rabbit::new(ctx).await?),
-            ctx.count(20_000, 300),
+            ctx.count(5_000, 300),
         ),
         [Word::Postgres, Word::Kafka] => (
             Box::new(PgBackend::new(ctx, false).await?),
             Box::new(Kafka::new(ctx)?),
-            ctx.count(20_000, 300),
+            ctx.count(5_000, 300),
         ),
         [Word::Dynamodb, Word::Kafka] => (
             Box::new(DynamoBackend::new(ctx, Default::default()).await?),
             Box::new(Kafka::new(ctx)?),
-            ctx.count(1_000, 20),
+            ctx.count(150, 20),
         ),
         _ => return Err(Error::invalid_input("relay: unknown case")),
     };

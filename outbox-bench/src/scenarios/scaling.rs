@@ -42,7 +42,7 @@ async fn measure(
     broker: &mut Rabbit,
 ) -> Result<()> {
     let label = format!("{}, 5 ms publish latency, 1000 keys", case_label(case));
-    let n = ctx.count(6_000, 200);
+    let n = ctx.count(3_000, 200);
     let mut series: Vec<Series> = vec![Series::default(); RELAYS.len()];
     for pass in ctx.pass_range() {
         let count = if pass == 0 { (n / 4).max(10) } else { n };
