@@ -65,8 +65,10 @@ async fn main() -> ExitCode {
                 ctx.report.failures.push(msg);
             } else if !interactive {
                 eprintln!(
-                    "outbox-bench: {what} done in {:.1} s",
-                    t.elapsed().as_secs_f64()
+                    "outbox-bench: {what} done in {:.1} s (from {:.1} s to {:.1} s of the run)",
+                    t.elapsed().as_secs_f64(),
+                    t.duration_since(started).as_secs_f64(),
+                    started.elapsed().as_secs_f64()
                 );
             }
         }
