@@ -1,0 +1,335 @@
+//! The stores under test, each with its hand-written fetch+mark baseline.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use outbox_core::{DistributedLock, Error, Message, OutboxStore, Result};
+use outbox_dynamodb::aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, local_client};
+use outbox_postgres::PgStore;
+use outbox_postgres::sqlx::{self, AssertSqlSafe, Row};
+use outbox_sqlite::{SqliteConfig, SqliteStore};
+
+use crate::common::{Ctx, drop_schema, fill, pg_exec, pg_store};
+use crate::dynamo;
+
+/// Rows fetched per round by the hand-written baselines.
+pub const RAW_BATCH: usize = 500;
+
+/// A store with the relay's collaborators and a hand-written fetch+mark loop.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// The library's store.
+    fn store(&self) -> Arc<dyn OutboxStore>;
+    /// The library's lock for the relay.
+    fn lock(&self) -> Arc<dyn DistributedLock>;
+    /// Fill a backlog (not timed), through the library.
+    async fn fill(&self, messages: &[Message]) -> Result<()> {
+        fill(self.store().as_ref(), messages, self.fill_batch()).await
+    }
+    /// Messages per `add_batch` when filling.
+    fn fill_batch(&self) -> usize {
+        500
+    }
+    /// Fetch and mark dispatched every pending message by hand-written queries; returns how
+    /// many were marked.
+    async fn raw_drain(&self) -> Result<usize>;
+    /// Forget every message (between passes), so every pass starts from the same table.
+    async fn reset(&self) -> Result<()>;
+    /// Remove what was created.
+    async fn cleanup(&self) -> Result<()>;
+}
+
+// ---- SQLite ---------------------------------------------------------------------------
+
+/// SQLite in a temporary directory.
+pub struct SqliteBackend {
+    store: SqliteStore,
+    messages: String,
+    _dir: tempfile::TempDir,
+}
+
+impl SqliteBackend {
+    /// A fresh database file.
+    pub async fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| Error::unexpected("creating a temporary directory").with_source(e))?;
+        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("relay.db"))).await?;
+        Ok(SqliteBackend {
+            messages: format!("{}messages", store.config().table_prefix()),
+            store,
+            _dir: dir,
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut outbox_sqlite::rusqlite::Connection) -> outbox_sqlite::rusqlite::Result<T>
+        + Send
+        + 'static,
+    ) -> Result<T> {
+        let mut conn = self.store.open_connection()?;
+        tokio::task::spawn_blocking(move || f(&mut conn))
+            .await
+            .map_err(|e| Error::unexpected("blocking task failed").with_source(e))?
+            .map_err(outbox_sqlite::parse_error)
+    }
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    fn store(&self) -> Arc<dyn OutboxStore> {
+        Arc::new(self.store.clone())
+    }
+
+    fn lock(&self) -> Arc<dyn DistributedLock> {
+        Arc::new(self.store.lock())
+    }
+
+    async fn raw_drain(&self) -> Result<usize> {
+        let m = self.messages.clone();
+        self.blocking(move |c| {
+            let mut total = 0;
+            let select = format!(
+                "SELECT sequence, id, topic, key, payload, headers, created_at FROM {m} \
+                 WHERE status = 'pending' ORDER BY sequence LIMIT {RAW_BATCH}"
+            );
+            loop {
+                let tx = c.transaction()?;
+                let seqs: Vec<i64> = {
+                    let mut st = tx.prepare_cached(&select)?;
+                    let rows = st.query_map([], |r| {
+                        let _body: Vec<u8> = r.get(4)?;
+                        r.get::<_, i64>(0)
+                    })?;
+                    rows.collect::<outbox_sqlite::rusqlite::Result<_>>()?
+                };
+                if seqs.is_empty() {
+                    tx.commit()?;
+                    return Ok(total);
+                }
+                let list = seqs
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                tx.execute(
+                    &format!(
+                        "UPDATE {m} SET status = 'dispatched', dispatched_at = ?1 \
+                         WHERE sequence IN ({list})"
+                    ),
+                    [outbox_core::Utc::now().timestamp_micros()],
+                )?;
+                tx.commit()?;
+                total += seqs.len();
+            }
+        })
+        .await
+    }
+
+    async fn reset(&self) -> Result<()> {
+        let m = self.messages.clone();
+        self.blocking(move |c| c.execute_batch(&format!("DELETE FROM {m}")))
+            .await
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+// ---- PostgreSQL -----------------------------------------------------------------------
+
+/// PostgreSQL in a schema of this run.
+pub struct PgBackend {
+    /// The store.
+    pub store: PgStore,
+    /// Its schema.
+    pub schema: String,
+    select: String,
+    mark: String,
+}
+
+impl PgBackend {
+    /// A migrated schema of its own (`notify`: writers send `NOTIFY`).
+    pub async fn new(ctx: &mut Ctx, notify: bool) -> Result<Self> {
+        let schema = ctx.name("pg");
+        let store = pg_store(ctx, &schema, notify).await?;
+        let m = store.messages_table().to_owned();
+        Ok(PgBackend {
+            select: format!(
+                "SELECT sequence, id, topic, key, payload, headers, content_type, message_type, \
+                 created_at FROM {m} WHERE status = 'pending' ORDER BY sequence LIMIT {RAW_BATCH}"
+            ),
+            mark: format!(
+                "UPDATE {m} SET status = 'dispatched', dispatched_at = now() WHERE id = ANY($1)"
+            ),
+            store,
+            schema,
+        })
+    }
+}
+
+#[async_trait]
+impl Backend for PgBackend {
+    fn store(&self) -> Arc<dyn OutboxStore> {
+        Arc::new(self.store.clone())
+    }
+
+    fn lock(&self) -> Arc<dyn DistributedLock> {
+        Arc::new(self.store.lock())
+    }
+
+    async fn raw_drain(&self) -> Result<usize> {
+        let pool = self.store.pool();
+        let mut total = 0;
+        loop {
+            let rows = sqlx::query(AssertSqlSafe(self.select.clone()))
+                .fetch_all(pool)
+                .await
+                .map_err(outbox_postgres::parse_error)?;
+            if rows.is_empty() {
+                return Ok(total);
+            }
+            let ids: Vec<uuid::Uuid> = rows
+                .iter()
+                .map(|r| r.try_get::<uuid::Uuid, _>("id"))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(outbox_postgres::parse_error)?;
+            sqlx::query(AssertSqlSafe(self.mark.clone()))
+                .bind(&ids)
+                .execute(pool)
+                .await
+                .map_err(outbox_postgres::parse_error)?;
+            total += ids.len();
+        }
+    }
+
+    async fn reset(&self) -> Result<()> {
+        pg_exec(
+            &self.store,
+            format!("TRUNCATE {}", self.store.messages_table()),
+        )
+        .await
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        drop_schema(&self.store, &self.schema).await
+    }
+}
+
+// ---- DynamoDB -------------------------------------------------------------------------
+
+/// DynamoDB (moto) tables of this run.
+pub struct DynamoBackend {
+    /// The store.
+    pub store: DynamoDbStore,
+}
+
+impl DynamoBackend {
+    /// Fresh tables with `config`'s settings under a prefix of this run.
+    pub async fn new(ctx: &mut Ctx, sequencing: outbox_dynamodb::Sequencing) -> Result<Self> {
+        let prefix = format!("{}_", ctx.name("ddb"));
+        let store = DynamoDbStore::new(
+            local_client(&ctx.services.dynamodb),
+            DynamoDbConfig::new(prefix).with_sequencing(sequencing),
+        )?;
+        store.create_tables().await?;
+        Ok(DynamoBackend { store })
+    }
+}
+
+#[async_trait]
+impl Backend for DynamoBackend {
+    fn store(&self) -> Arc<dyn OutboxStore> {
+        Arc::new(self.store.clone())
+    }
+
+    fn lock(&self) -> Arc<dyn DistributedLock> {
+        Arc::new(self.store.lock())
+    }
+
+    fn fill_batch(&self) -> usize {
+        25
+    }
+
+    /// Hand-written: scan the sparse pending index (every entry is a pending message), read
+    /// the bodies with a strongly consistent BatchGetItem, and take each out of the index
+    /// with an UpdateItem removing the index's hash key, 16 in flight.
+    async fn raw_drain(&self) -> Result<usize> {
+        let client = self.store.client();
+        let (table, _, _) = self.store.table_names();
+        let def = dynamo::describe(client, table).await?;
+        let index = def
+            .indexes
+            .iter()
+            .find(|i| i.name == outbox_dynamodb::PENDING_INDEX)
+            .ok_or_else(|| Error::unexpected("no pending index"))?;
+        let index_key = index.keys[0].clone();
+        let key = def.key[0].clone();
+        let mut total = 0;
+        loop {
+            let page = client
+                .scan()
+                .table_name(table)
+                .index_name(&index.name)
+                .limit(100)
+                .send()
+                .await
+                .map_err(outbox_dynamodb::parse_error)?;
+            let keys: Vec<AttributeValue> = page
+                .items()
+                .iter()
+                .filter_map(|i| i.get(&key).cloned())
+                .collect();
+            if keys.is_empty() {
+                return Ok(total);
+            }
+            let mut ka = KeysAndAttributes::builder().consistent_read(true);
+            for k in &keys {
+                ka = ka.keys([(key.clone(), k.clone())].into_iter().collect());
+            }
+            let ka = ka
+                .build()
+                .map_err(|e| Error::unexpected("BatchGetItem keys").with_source(e))?;
+            client
+                .batch_get_item()
+                .request_items(table, ka)
+                .send()
+                .await
+                .map_err(outbox_dynamodb::parse_error)?;
+            let results: Vec<Result<()>> = futures::stream::iter(keys.iter().cloned())
+                .map(|k| {
+                    let (key, index_key) = (key.clone(), index_key.clone());
+                    async move {
+                        client
+                            .update_item()
+                            .table_name(table)
+                            .key(key, k)
+                            .update_expression("REMOVE #p")
+                            .expression_attribute_names("#p", index_key)
+                            .send()
+                            .await
+                            .map(|_| ())
+                            .map_err(outbox_dynamodb::parse_error)
+                    }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            for r in results {
+                r?;
+            }
+            total += keys.len();
+        }
+    }
+
+    async fn reset(&self) -> Result<()> {
+        Ok(()) // dispatched items leave the sparse index; nothing to forget
+    }
+
+    async fn cleanup(&self) -> Result<()> {
+        self.store.delete_tables().await
+    }
+}

@@ -1,0 +1,296 @@
+//! DynamoDB cost: requests and capacity per message for a standalone add, an add in a unit
+//! of work with one business Put, dispatch, the relay's reads, and an idle relay's reads
+//! per minute, at 256 B, 1 KiB and 4 KiB payloads, in both sequencing modes.
+//!
+//! Counted by the backend's meter ([`outbox_dynamodb::CostMeter`]); next to it the same
+//! figures on paper from DynamoDB's published rules applied to the items as stored (read
+//! back after the add and after dispatch) and the tables as described, and Brighter V10's
+//! figures for the same message under its schema (four indexes projecting `ALL`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_core::memory::MemoryBroker;
+use outbox_core::{CancellationToken, Error, OutboxStore, Relay, RelayConfig, Result, Transaction};
+use outbox_dynamodb::aws_sdk_dynamodb::types::{AttributeValue, Put};
+use outbox_dynamodb::{OpCost, Sequencing};
+
+use crate::backends::{Backend, DynamoBackend};
+use crate::cli::{Case, Word};
+use crate::common::{Ctx, messages};
+use crate::dynamo::{self, Item, TableDef};
+use crate::report::fmt;
+
+const SCENARIO: &str = "dynamodb-cost";
+
+/// Payload sizes measured.
+pub const PAYLOADS: [usize; 3] = [256, 1024, 4096];
+
+/// Totals of a phase, per message.
+#[derive(Debug, Clone, Copy, Default)]
+struct PerMsg {
+    requests: f64,
+    wcu: f64,
+    rcu: f64,
+}
+
+fn per_msg(costs: &BTreeMap<&'static str, OpCost>, n: usize, only: Option<&[&str]>) -> PerMsg {
+    let n = n.max(1) as f64;
+    let mut t = PerMsg::default();
+    for (op, c) in costs {
+        if only.is_some_and(|o| !o.contains(op)) {
+            continue;
+        }
+        t.requests += c.requests as f64 / n;
+        t.wcu += c.reported_wcu / n;
+        t.rcu += c.reported_rcu / n;
+    }
+    t
+}
+
+/// Run the cost scenario.
+pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
+    if case != [Word::Dynamodb] {
+        return Err(Error::invalid_input("dynamodb-cost: unknown case"));
+    }
+    let mut table = String::from(
+        "| mode | payload | item B (ours / Brighter) | operation | requests/msg (meter) | WCU/msg meter (moto) | WCU/msg paper | RCU/msg meter (moto) | RCU/msg paper | Brighter WCU/msg paper |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for mode in [Sequencing::ShardCounter, Sequencing::WriterClock] {
+        for size in PAYLOADS {
+            ctx.status(format!("dynamodb-cost {mode:?} {size} B"));
+            let backend = DynamoBackend::new(ctx, mode).await?;
+            let r = measure(ctx, &backend, mode, size, &mut table).await;
+            let c = backend.cleanup().await;
+            r.and(c)?;
+        }
+        ctx.progress.inc(1);
+    }
+    ctx.report.tables.push(table);
+    Ok(())
+}
+
+async fn get_item(backend: &DynamoBackend, def: &TableDef, probe: &Item) -> Result<Item> {
+    let (table, _, _) = backend.store.table_names();
+    let key = &def.key[0];
+    let value = probe
+        .get(key)
+        .cloned()
+        .ok_or_else(|| Error::unexpected("message item without its key"))?;
+    let out = backend
+        .store
+        .client()
+        .get_item()
+        .table_name(table)
+        .key(key, value)
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(outbox_dynamodb::parse_error)?;
+    out.item()
+        .cloned()
+        .ok_or_else(|| Error::unexpected("stored message item not found"))
+}
+
+async fn measure(
+    ctx: &mut Ctx,
+    backend: &DynamoBackend,
+    mode: Sequencing,
+    size: usize,
+    table: &mut String,
+) -> Result<()> {
+    let n = ctx.count(10, 2);
+    let store = &backend.store;
+    let meter = store.meter();
+    let client = store.client();
+    let (outbox, _, _) = store.table_names();
+    let def = dynamo::describe(client, outbox).await?;
+    let business = format!("{}orders", store.config().table_prefix);
+    dynamo::create_simple_table(client, &business, "id").await?;
+
+    // Standalone adds.
+    let standalone = messages("cost", n, 1_000, size)?;
+    meter.take();
+    for m in &standalone {
+        store.add(m).await?;
+    }
+    let add = per_msg(&meter.take(), n, None);
+
+    // Adds in a unit of work with one business Put each (the meter counts whole commits).
+    let in_uow = messages("cost", n, 1_000, size)?;
+    meter.take();
+    for (i, m) in in_uow.iter().enumerate() {
+        let mut uow = store.unit_of_work();
+        uow.put(
+            Put::builder()
+                .table_name(&business)
+                .item("id", AttributeValue::S(format!("order-{i}")))
+                .item("total", AttributeValue::N("1999".into()))
+                .build()
+                .map_err(|e| Error::invalid_input(e.to_string()))?,
+        );
+        uow.add(m).await?;
+        uow.commit().await?;
+    }
+    let uow_costs = per_msg(&meter.take(), n, None);
+
+    // The stored item, before and after dispatch.
+    let probe = store.message_item(&standalone[0]);
+    let before = get_item(backend, &def, &probe).await?;
+
+    // Dispatch everything with a relay: its reads, and its marks.
+    let total = 2 * n;
+    let broker = MemoryBroker::new();
+    let relay = Relay::new(
+        backend.store(),
+        backend.lock(),
+        Arc::new(broker.producer()),
+        RelayConfig {
+            lock_prefix: ctx.name("lease"),
+            ..RelayConfig::default()
+        },
+    )?;
+    meter.take();
+    let mut published = 0;
+    let mut batches = 0;
+    let start = Instant::now();
+    while published < total as u64 {
+        let report = relay.run_once().await?;
+        published += report.published;
+        batches += report.batches;
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(Error::unavailable(
+                "dynamodb-cost: relay did not dispatch everything",
+            ));
+        }
+    }
+    let relay_costs = meter.take();
+    let dispatch = per_msg(&relay_costs, total, Some(&["mark_dispatched"]));
+    let reads_only: BTreeMap<_, _> = relay_costs
+        .into_iter()
+        .filter(|(op, _)| *op != "mark_dispatched")
+        .collect();
+    let reads = per_msg(&reads_only, total, None);
+    let after = get_item(backend, &def, &probe).await?;
+
+    // Idle: a running relay with nothing to do (measured at 1 KiB; it does not depend on
+    // the payload).
+    let idle = if size == 1024 {
+        let secs = if ctx.quick { 1.5 } else { 10.0 };
+        let shutdown = CancellationToken::new();
+        let idle_relay = Relay::new(
+            backend.store(),
+            backend.lock(),
+            Arc::new(broker.producer()),
+            RelayConfig {
+                lock_prefix: ctx.name("lease"),
+                ..RelayConfig::default()
+            },
+        )?;
+        let task = idle_relay.spawn(shutdown.clone());
+        tokio::time::sleep(Duration::from_millis(500)).await; // leases taken
+        meter.take();
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        let c = per_msg(&meter.take(), 1, None);
+        shutdown.cancel();
+        task.await
+            .map_err(|e| Error::unexpected("relay task failed").with_source(e))??;
+        Some(PerMsg {
+            requests: c.requests * 60.0 / secs,
+            wcu: c.wcu * 60.0 / secs,
+            rcu: c.rcu * 60.0 / secs,
+        })
+    } else {
+        None
+    };
+    dynamo::delete_tables(client, &[&business]).await?;
+
+    // Paper figures.
+    let counter = mode == Sequencing::ShardCounter;
+    // A shard counter: a small item (< 1 KiB) read strongly (1 RCU) and updated inside the
+    // transaction (2 WCU), once per commit and shard.
+    let (counter_wcu, counter_rcu) = if counter { (2.0, 1.0) } else { (0.0, 0.0) };
+    let paper_add = dynamo::put_wcu(&def, &before, counter) + counter_wcu;
+    let paper_uow = dynamo::put_wcu(&def, &before, true) + counter_wcu;
+    let paper_dispatch = dynamo::update_wcu(&def, &before, &after);
+    // Each message's body, read strongly; every read request but one BatchGetItem per
+    // batch is a Query, billed at least 0.5 RCU.
+    let queries = (reads.requests * total as f64 - batches as f64).max(0.0);
+    let paper_reads = dynamo::rcu(dynamo::size(&before)) + 0.5 * queries / total as f64;
+    let bt = dynamo::brighter_table();
+    let (b_before, b_after) = dynamo::brighter_items(&standalone[0]);
+    let b_add = dynamo::put_wcu(&bt, &b_before, false);
+    let b_uow = dynamo::put_wcu(&bt, &b_before, true);
+    let b_dispatch = dynamo::update_wcu(&bt, &b_before, &b_after);
+
+    let mode_name = format!("{mode:?}");
+    let sizes = format!("{} / {}", dynamo::size(&before), dynamo::size(&b_before));
+    let mut line = |op: &str, m: PerMsg, wcu_paper: String, rcu_paper: String, brighter: String| {
+        let _ = writeln!(
+            table,
+            "| {mode_name} | {size} B | {sizes} | {op} | {} | {} | {wcu_paper} | {} | {rcu_paper} | {brighter} |",
+            fmt(m.requests),
+            fmt(m.wcu),
+            fmt(m.rcu)
+        );
+    };
+    line(
+        "add, standalone",
+        add,
+        fmt(paper_add),
+        fmt(counter_rcu),
+        fmt(b_add),
+    );
+    line(
+        "add in a unit of work (+1 business Put)",
+        uow_costs,
+        fmt(paper_uow),
+        fmt(counter_rcu),
+        fmt(b_uow),
+    );
+    line(
+        "dispatch (relay's mark)",
+        dispatch,
+        fmt(paper_dispatch),
+        "0".into(),
+        fmt(b_dispatch),
+    );
+    line(
+        "relay's reads",
+        reads,
+        "0".into(),
+        format!("≥ {}", fmt(paper_reads)),
+        "—".into(),
+    );
+    if let Some(idle) = idle {
+        line(
+            "idle relay, per minute",
+            idle,
+            "0".into(),
+            fmt(idle.requests * 0.5),
+            "—".into(),
+        );
+    }
+    let ours = paper_uow + paper_dispatch;
+    let theirs = b_uow + b_dispatch;
+    let label = format!("{mode_name}, {size} B payload");
+    let r = &mut ctx.report;
+    r.add(
+        SCENARIO,
+        &label,
+        "add + dispatch in a unit of work, paper",
+        "WCU/msg",
+        &[ours],
+    );
+    r.add(
+        SCENARIO,
+        &label,
+        "Brighter V10, same message, paper",
+        "WCU/msg",
+        &[theirs],
+    );
+    r.add(SCENARIO, &label, "ours / Brighter", "×", &[ours / theirs]);
+    Ok(())
+}
