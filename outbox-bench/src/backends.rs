@@ -5,14 +5,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::StreamExt;
 use outbox_core::{DistributedLock, Error, Message, OutboxStore, Result};
-use outbox_dynamodb::aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use outbox_dynamodb::aws_sdk_dynamodb::types::AttributeValue;
 use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, local_client};
 use outbox_postgres::PgStore;
 use outbox_postgres::sqlx::{self, AssertSqlSafe, Row};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 
 use crate::common::{Ctx, drop_schema, fill, pg_exec, pg_store};
-use crate::dynamo;
 
 /// Rows fetched per round by the hand-written baselines.
 pub const RAW_BATCH: usize = 500;
@@ -229,11 +228,11 @@ pub struct DynamoBackend {
 
 impl DynamoBackend {
     /// Fresh tables with `config`'s settings under a prefix of this run.
-    pub async fn new(ctx: &mut Ctx, sequencing: outbox_dynamodb::Sequencing) -> Result<Self> {
+    pub async fn new(ctx: &mut Ctx) -> Result<Self> {
         let prefix = format!("{}_", ctx.name("ddb"));
         let store = DynamoDbStore::new(
             local_client(&ctx.services.dynamodb),
-            DynamoDbConfig::new(prefix).with_sequencing(sequencing),
+            DynamoDbConfig::new(prefix),
         )?;
         store.create_tables().await?;
         Ok(DynamoBackend { store })
@@ -254,79 +253,69 @@ impl Backend for DynamoBackend {
         25
     }
 
-    /// Hand-written: scan the sparse pending index (every entry is a pending message), read
-    /// the bodies with a strongly consistent BatchGetItem, and take each out of the index
-    /// with an UpdateItem removing the index's hash key, 16 in flight.
+    /// Hand-written: per shard, a strongly consistent Query of the shard's queue partition
+    /// (`pk = q#<shard>`) for pending items, then an UpdateItem per item setting it
+    /// dispatched, 16 in flight.
     async fn raw_drain(&self) -> Result<usize> {
         let client = self.store.client();
         let (table, _, _) = self.store.table_names();
-        let def = dynamo::describe(client, table).await?;
-        let index = def
-            .indexes
-            .iter()
-            .find(|i| i.name == outbox_dynamodb::PENDING_INDEX)
-            .ok_or_else(|| Error::unexpected("no pending index"))?;
-        let index_key = index.keys[0].clone();
-        let key = def.key[0].clone();
         let mut total = 0;
-        loop {
-            let page = client
-                .scan()
-                .table_name(table)
-                .index_name(&index.name)
-                .limit(100)
-                .send()
-                .await
-                .map_err(outbox_dynamodb::parse_error)?;
-            let keys: Vec<AttributeValue> = page
-                .items()
-                .iter()
-                .filter_map(|i| i.get(&key).cloned())
-                .collect();
-            if keys.is_empty() {
-                return Ok(total);
-            }
-            let mut ka = KeysAndAttributes::builder().consistent_read(true);
-            for k in &keys {
-                ka = ka.keys([(key.clone(), k.clone())].into_iter().collect());
-            }
-            let ka = ka
-                .build()
-                .map_err(|e| Error::unexpected("BatchGetItem keys").with_source(e))?;
-            client
-                .batch_get_item()
-                .request_items(table, ka)
-                .send()
-                .await
-                .map_err(outbox_dynamodb::parse_error)?;
-            let results: Vec<Result<()>> = futures::stream::iter(keys.iter().cloned())
-                .map(|k| {
-                    let (key, index_key) = (key.clone(), index_key.clone());
-                    async move {
+        for shard in 0..self.store.shard_count() {
+            let mut start = None;
+            loop {
+                let page = client
+                    .query()
+                    .table_name(table)
+                    .consistent_read(true)
+                    .key_condition_expression("pk = :q")
+                    .filter_expression("st = :p")
+                    .expression_attribute_values(":q", AttributeValue::S(format!("q#{shard}")))
+                    .expression_attribute_values(":p", AttributeValue::S("pending".into()))
+                    .set_exclusive_start_key(start.take())
+                    .limit(100)
+                    .send()
+                    .await
+                    .map_err(outbox_dynamodb::parse_error)?;
+                let keys: Vec<(AttributeValue, AttributeValue)> = page
+                    .items()
+                    .iter()
+                    .filter_map(|i| Some((i.get("pk")?.clone(), i.get("sk")?.clone())))
+                    .collect();
+                let results: Vec<Result<()>> = futures::stream::iter(keys.iter().cloned())
+                    .map(|(pk, sk)| async move {
                         client
                             .update_item()
                             .table_name(table)
-                            .key(key, k)
-                            .update_expression("REMOVE #p")
-                            .expression_attribute_names("#p", index_key)
+                            .key("pk", pk)
+                            .key("sk", sk)
+                            .update_expression("SET st = :d")
+                            .expression_attribute_values(
+                                ":d",
+                                AttributeValue::S("dispatched".into()),
+                            )
                             .send()
                             .await
                             .map(|_| ())
                             .map_err(outbox_dynamodb::parse_error)
-                    }
-                })
-                .buffer_unordered(16)
-                .collect()
-                .await;
-            for r in results {
-                r?;
+                    })
+                    .buffer_unordered(16)
+                    .collect()
+                    .await;
+                for r in results {
+                    r?;
+                }
+                total += keys.len();
+                match page.last_evaluated_key() {
+                    Some(k) => start = Some(k.clone()),
+                    None => break,
+                }
             }
-            total += keys.len();
         }
+        Ok(total)
     }
 
     async fn reset(&self) -> Result<()> {
-        Ok(()) // dispatched items leave the sparse index; nothing to forget
+        Ok(()) // drained items are dispatched; each pass adds a fresh backlog
     }
 
     async fn cleanup(&self) -> Result<()> {

@@ -129,7 +129,7 @@ async fn measure(ctx: &mut Ctx, case: Case, backend: &PgBackend) -> Result<()> {
                             Orders {
                                 insert: insert_order.clone(),
                             },
-                        );
+                        )?;
                         processor.run(&counted, shutdown.clone()).await.map(|_| ())
                     } else {
                         hand_loop(backend, &counted, &shutdown, &insert_inbox, &insert_order).await

@@ -1,6 +1,6 @@
 //! DynamoDB cost: requests and capacity per message for a standalone add, an add in a unit
 //! of work with one business Put, dispatch, the relay's reads, and an idle relay's reads
-//! per minute, at 256 B, 1 KiB and 4 KiB payloads, in both sequencing modes.
+//! per minute, at 256 B, 1 KiB and 4 KiB payloads.
 //!
 //! Counted by the backend's meter ([`outbox_dynamodb::CostMeter`]); next to it the same
 //! figures on paper from DynamoDB's published rules applied to the items as stored (read
@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use outbox_core::memory::MemoryBroker;
 use outbox_core::{CancellationToken, Error, OutboxStore, Relay, RelayConfig, Result, Transaction};
+use outbox_dynamodb::OpCost;
 use outbox_dynamodb::aws_sdk_dynamodb::types::{AttributeValue, Put};
-use outbox_dynamodb::{OpCost, Sequencing};
 
 use crate::backends::{Backend, DynamoBackend};
 use crate::cli::{Case, Word};
@@ -44,8 +44,8 @@ fn per_msg(costs: &BTreeMap<&'static str, OpCost>, n: usize, only: Option<&[&str
             continue;
         }
         t.requests += c.requests as f64 / n;
-        t.wcu += c.reported_wcu / n;
-        t.rcu += c.reported_rcu / n;
+        t.wcu += c.wcu / n;
+        t.rcu += c.rcu / n;
     }
     t
 }
@@ -58,46 +58,56 @@ pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
     let mut table = String::from(
         "| mode | payload | item B (ours / Brighter) | operation | requests/msg (meter) | WCU/msg meter (moto) | WCU/msg paper | RCU/msg meter (moto) | RCU/msg paper | Brighter WCU/msg paper |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    for mode in [Sequencing::ShardCounter, Sequencing::WriterClock] {
-        for size in PAYLOADS {
-            ctx.status(format!("dynamodb-cost {mode:?} {size} B"));
-            let backend = DynamoBackend::new(ctx, mode).await?;
-            let r = measure(ctx, &backend, mode, size, &mut table).await;
-            let c = backend.cleanup().await;
-            r.and(c)?;
-        }
-        ctx.progress.inc(1);
+    for size in PAYLOADS {
+        ctx.status(format!("dynamodb-cost {size} B"));
+        let backend = DynamoBackend::new(ctx).await?;
+        let r = measure(ctx, &backend, size, &mut table).await;
+        let c = backend.cleanup().await;
+        r.and(c)?;
     }
+    ctx.progress.inc(1);
     ctx.report.tables.push(table);
     Ok(())
 }
 
-async fn get_item(backend: &DynamoBackend, def: &TableDef, probe: &Item) -> Result<Item> {
+/// The stored queue item of the message `probe` stands for (the backend's own encoding, from
+/// `message_item`): a strongly consistent Query of its shard's partition for its id.
+async fn get_item(backend: &DynamoBackend, _def: &TableDef, probe: &Item) -> Result<Item> {
     let (table, _, _) = backend.store.table_names();
-    let key = &def.key[0];
-    let value = probe
-        .get(key)
-        .cloned()
-        .ok_or_else(|| Error::unexpected("message item without its key"))?;
-    let out = backend
-        .store
-        .client()
-        .get_item()
-        .table_name(table)
-        .key(key, value)
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(outbox_dynamodb::parse_error)?;
-    out.item()
-        .cloned()
-        .ok_or_else(|| Error::unexpected("stored message item not found"))
+    let (Some(pk), Some(id)) = (probe.get("pk"), probe.get("i")) else {
+        return Err(Error::unexpected(
+            "message item without its partition or id",
+        ));
+    };
+    let mut start = None;
+    loop {
+        let page = backend
+            .store
+            .client()
+            .query()
+            .table_name(table)
+            .consistent_read(true)
+            .key_condition_expression("pk = :q")
+            .filter_expression("i = :i")
+            .expression_attribute_values(":q", pk.clone())
+            .expression_attribute_values(":i", id.clone())
+            .set_exclusive_start_key(start.take())
+            .send()
+            .await
+            .map_err(outbox_dynamodb::parse_error)?;
+        if let Some(item) = page.items().first() {
+            return Ok(item.clone());
+        }
+        match page.last_evaluated_key() {
+            Some(k) => start = Some(k.clone()),
+            None => return Err(Error::unexpected("stored message item not found")),
+        }
+    }
 }
 
 async fn measure(
     ctx: &mut Ctx,
     backend: &DynamoBackend,
-    mode: Sequencing,
     size: usize,
     table: &mut String,
 ) -> Result<()> {
@@ -137,7 +147,13 @@ async fn measure(
     let uow_costs = per_msg(&meter.take(), n, None);
 
     // The stored item, before and after dispatch.
-    let probe = store.message_item(&standalone[0]);
+    let mut probe = store.message_item(&standalone[0]);
+    let shard = outbox_core::shard_for(
+        standalone[0].key.as_deref(),
+        &standalone[0].id,
+        store.shard_count(),
+    );
+    probe.insert("pk".into(), AttributeValue::S(format!("q#{shard}")));
     let before = get_item(backend, &def, &probe).await?;
 
     // Dispatch everything with a relay: its reads, and its marks.
@@ -208,12 +224,12 @@ async fn measure(
     dynamo::delete_tables(client, &[&business]).await?;
 
     // Paper figures.
-    let counter = mode == Sequencing::ShardCounter;
-    // A shard counter: a small item (< 1 KiB) read strongly (1 RCU) and updated inside the
-    // transaction (2 WCU), once per commit and shard.
-    let (counter_wcu, counter_rcu) = if counter { (2.0, 1.0) } else { (0.0, 0.0) };
-    let paper_add = dynamo::put_wcu(&def, &before, counter) + counter_wcu;
-    let paper_uow = dynamo::put_wcu(&def, &before, true) + counter_wcu;
+    // Every add is one TransactWriteItems: the queue item (the whole message) and a small id
+    // guard item (< 1 KB, 2 WCU transactional), after a strongly consistent read of the
+    // shard's tail (the last queue item and the shard's meta item, about 1 RCU).
+    let (guard_wcu, counter_rcu) = (2.0, 1.0);
+    let paper_add = dynamo::put_wcu(&def, &before, true) + guard_wcu;
+    let paper_uow = paper_add;
     let paper_dispatch = dynamo::update_wcu(&def, &before, &after);
     // Each message's body, read strongly; every read request but one BatchGetItem per
     // batch is a Query, billed at least 0.5 RCU.
@@ -225,7 +241,7 @@ async fn measure(
     let b_uow = dynamo::put_wcu(&bt, &b_before, true);
     let b_dispatch = dynamo::update_wcu(&bt, &b_before, &b_after);
 
-    let mode_name = format!("{mode:?}");
+    let mode_name = "queue (v2)";
     let sizes = format!("{} / {}", dynamo::size(&before), dynamo::size(&b_before));
     let mut line = |op: &str, m: PerMsg, wcu_paper: String, rcu_paper: String, brighter: String| {
         let _ = writeln!(
@@ -275,7 +291,7 @@ async fn measure(
     }
     let ours = paper_uow + paper_dispatch;
     let theirs = b_uow + b_dispatch;
-    let label = format!("{mode_name}, {size} B payload");
+    let label = format!("{size} B payload");
     let r = &mut ctx.report;
     r.add(
         SCENARIO,

@@ -37,7 +37,7 @@ pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
             ctx.count(5_000, 300),
         ),
         [Word::Dynamodb, Word::Kafka] => (
-            Box::new(DynamoBackend::new(ctx, Default::default()).await?),
+            Box::new(DynamoBackend::new(ctx).await?),
             Box::new(Kafka::new(ctx)?),
             ctx.count(150, 20),
         ),
