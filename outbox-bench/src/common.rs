@@ -245,9 +245,11 @@ pub fn rabbit_producer(ctx: &Ctx, exchange: &str) -> Result<Arc<dyn Producer>> {
     Ok(Arc::new(RabbitMqProducer::new(config)?))
 }
 
-/// The Kafka settings (idempotent, `acks=all` are the library's fixed settings).
+/// The Kafka settings (idempotent, `acks=all` are the library's fixed settings): 8 s of
+/// `message.timeout.ms` plus the default 2 s local queue wait stay within the relay's
+/// default 10 s publish timeout.
 pub fn kafka_config(ctx: &Ctx) -> KafkaConfig {
-    KafkaConfig::new(ctx.services.kafka.clone()).set("message.timeout.ms", "9000")
+    KafkaConfig::new(ctx.services.kafka.clone()).set("message.timeout.ms", "8000")
 }
 
 /// The library's Kafka producer.

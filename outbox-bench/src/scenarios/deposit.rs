@@ -402,9 +402,16 @@ impl Depositor for DynamoDeposit {
                         .build(),
                 );
                 for m in msgs {
+                    // The library's item for this message at a fresh slot of its partition
+                    // (a writer of the floor table appends, as the library does).
+                    static SLOT: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(1);
+                    let mut item = self.store.message_item(m);
+                    let slot = SLOT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    item.insert("sk".into(), AttributeValue::N(slot.to_string()));
                     let put = Put::builder()
                         .table_name(&self.floor)
-                        .set_item(Some(self.store.message_item(m)))
+                        .set_item(Some(item))
                         .condition_expression("attribute_not_exists(#k)")
                         .expression_attribute_names("#k", &self.floor_key)
                         .build()
