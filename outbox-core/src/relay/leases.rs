@@ -36,12 +36,9 @@ impl Leases {
     /// lease left that a send started now is confirmed or abandoned before the lease expires.
     pub(super) fn sendable(&self, inner: &Inner, now: DateTime<Utc>) -> Vec<u32> {
         self.shards
-            .iter()
-            .filter(|(s, l)| {
-                !self.draining.contains(s)
-                    && (now <= inner.send_deadline(l) || super::flawed!(IgnoreDeadline))
-            })
-            .map(|(s, _)| *s)
+            .keys()
+            .copied()
+            .filter(|s| self.may_send(inner, *s, now))
             .collect()
     }
 
