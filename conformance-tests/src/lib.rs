@@ -116,6 +116,7 @@ macro_rules! __tx_cases {
             tx_commit_reports_ids_and_shards => $crate::tx::commit_reports_ids_and_shards,
             tx_invisible_before_commit => $crate::tx::invisible_before_commit,
             tx_add_order_is_sequence_order => $crate::tx::add_order_is_sequence_order,
+            tx_commit_order_is_fetch_order => $crate::tx::commit_order_is_fetch_order,
         }
     };
 }
@@ -175,6 +176,7 @@ macro_rules! __relay_cases {
             relay_shutdown_finishes_batch_in_flight => $crate::relay::shutdown_finishes_batch_in_flight,
             relay_racing_relays_never_overlap => $crate::relay::racing_relays_never_overlap,
             relay_stale_fetch_publishes_once => $crate::relay::stale_fetch_publishes_once,
+            relay_killed_at_any_point_loses_nothing => $crate::relay::killed_at_any_point_loses_nothing,
         }
     };
 }

@@ -664,13 +664,10 @@ pub async fn outage_parks_nothing_in_run<S: TransactionalStore>(f: &Fixture<S>) 
 pub async fn stale_holder_publishes_nothing<S: TransactionalStore>(f: &Fixture<S>) {
     let broker = MemoryBroker::new();
     let cfg = config("stale");
-    let lock = Arc::new(FlakyLock {
-        inner: f.lock.clone(),
-        down: AtomicBool::new(false),
-    });
+    let faults = Faults::new(f);
     let a = Relay::with_clock(
         f.outbox.clone(),
-        lock.clone(),
+        faults.clone(),
         Arc::new(broker.producer()),
         cfg.clone(),
         Arc::new(f.clock.clone()),
@@ -680,7 +677,7 @@ pub async fn stale_holder_publishes_nothing<S: TransactionalStore>(f: &Fixture<S
     let added = add_messages(f.outbox.as_ref(), 40, 8).await;
     // The lock becomes unreachable, so the leases cannot be renewed; the clock passes the send
     // deadline (expiry - publish_timeout - margin) but not the expiry.
-    lock.down.store(true, AtomicOrdering::SeqCst);
+    faults.lock_down.store(true, AtomicOrdering::SeqCst);
     f.clock.advance(
         cfg.lease_ttl - cfg.publish_timeout - cfg.clock_skew_margin + Duration::from_millis(10),
     );
@@ -690,7 +687,7 @@ pub async fn stale_holder_publishes_nothing<S: TransactionalStore>(f: &Fixture<S
         (0, 0),
         "no send and no fetch this close to lease expiry"
     );
-    lock.down.store(false, AtomicOrdering::SeqCst);
+    faults.lock_down.store(false, AtomicOrdering::SeqCst);
     // Expired; another relay takes over.
     f.clock.advance(cfg.lease_ttl);
     let b = relay(f, Arc::new(broker.producer()), config("successor"));
@@ -857,47 +854,6 @@ pub async fn racing_relays_never_overlap<S: TransactionalStore>(f: &Fixture<S>) 
     }
 }
 
-/// A lock that fails every call with a retryable `Unavailable` while `down`.
-#[derive(Debug)]
-struct FlakyLock {
-    inner: Arc<dyn outbox_core::DistributedLock>,
-    down: AtomicBool,
-}
-
-impl FlakyLock {
-    fn check(&self) -> Result<()> {
-        if self.down.load(AtomicOrdering::SeqCst) {
-            return Err(Error::unavailable("lock unreachable (injected)"));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl outbox_core::DistributedLock for FlakyLock {
-    async fn acquire(
-        &self,
-        resource: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> Result<Option<outbox_core::Lease>> {
-        self.check()?;
-        self.inner.acquire(resource, owner, ttl).await
-    }
-    async fn renew(&self, lease: &outbox_core::Lease, ttl: Duration) -> Result<outbox_core::Lease> {
-        self.check()?;
-        self.inner.renew(lease, ttl).await
-    }
-    async fn release(&self, lease: &outbox_core::Lease) -> Result<()> {
-        self.check()?;
-        self.inner.release(lease).await
-    }
-    async fn current(&self, resource: &str) -> Result<Option<outbox_core::Lease>> {
-        self.check()?;
-        self.inner.current(resource).await
-    }
-}
-
 /// Relay 1 and 10 with overlapping fetches: the store answers every fetch 20 ms late, so a
 /// fetch often returns messages as pending that a chain finished (published and marked)
 /// meanwhile; the relay still publishes each message exactly once, in per-key order.
@@ -906,10 +862,8 @@ pub async fn stale_fetch_publishes_once<S: TransactionalStore>(f: &Fixture<S>) {
     let producer = Arc::new(FaultyProducer::new(&broker));
     producer.set_delay(Duration::from_millis(1));
     let added = add_messages(f.outbox.as_ref(), 200, 50).await;
-    let slow = Arc::new(SlowReads {
-        inner: f.outbox.clone(),
-        delay: Duration::from_millis(20),
-    });
+    let slow = Faults::new(f);
+    *slow.read_delay.lock().unwrap_or_else(|p| p.into_inner()) = Duration::from_millis(20);
     let r = Relay::with_clock(
         slow,
         f.lock.clone(),
@@ -939,61 +893,273 @@ pub async fn stale_fetch_publishes_once<S: TransactionalStore>(f: &Fixture<S>) {
     );
 }
 
-/// A store whose `fetch_pending` answers `delay` after reading (a slow network or replica).
+/// Where a relay can be killed: inside which call it is when its task is aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillPoint {
+    /// Awaiting `fetch_pending`.
+    Fetch,
+    /// Awaiting the broker's confirm of a send.
+    Publish,
+    /// Awaiting `mark_dispatched` (published, not yet marked).
+    Mark,
+    /// Awaiting a lease renewal, part way through lease maintenance.
+    Maintenance,
+}
+
+/// Relay 3 at every kill point: a relay aborted while it fetches, publishes, marks or renews
+/// its leases loses nothing; after its leases expire a new instance publishes the rest, with
+/// per-key order held at first receipt and duplicates bounded by one batch.
+pub async fn killed_at_any_point_loses_nothing<S: TransactionalStore>(f: &Fixture<S>) {
+    for point in [
+        KillPoint::Fetch,
+        KillPoint::Publish,
+        KillPoint::Mark,
+        KillPoint::Maintenance,
+    ] {
+        kill_at(f, point).await;
+    }
+}
+
+async fn kill_at<S: TransactionalStore>(f: &Fixture<S>, point: KillPoint) {
+    let broker = MemoryBroker::new();
+    let faults = Faults::new(f);
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    let cfg = RelayConfig {
+        batch_size: 10,
+        lock_prefix: format!("kill-{point:?}").to_lowercase(),
+        ..config(&format!("doomed-{point:?}"))
+    };
+    // Let a little work through first, so the kill lands in the middle of the run.
+    match point {
+        KillPoint::Publish => producer.hang_after(5),
+        KillPoint::Maintenance => faults.arm(point, 3),
+        KillPoint::Fetch | KillPoint::Mark => faults.arm(point, 1),
+    }
+    let doomed = Relay::with_clock(
+        faults.clone(),
+        faults.clone(),
+        producer.clone(),
+        cfg.clone(),
+        Arc::new(f.clock.clone()),
+    )
+    .expect("valid relay config");
+    assert!(!doomed.rebalance().await.expect("rebalance").is_empty());
+    let added = add_messages(f.outbox.as_ref(), 60, 6).await;
+    let task = tokio::spawn({
+        // The relay renews every third of `lease_ttl`: each tick is due for maintenance.
+        let (doomed, clock, every) = (doomed.clone(), f.clock.clone(), cfg.lease_ttl / 3);
+        async move {
+            loop {
+                if let Err(e) = doomed.tick().await {
+                    return e;
+                }
+                clock.advance(every);
+            }
+        }
+    });
+    let reached = async {
+        if point == KillPoint::Publish {
+            producer.hung().await;
+        } else {
+            faults.trapped.notified().await;
+        }
+    };
+    tokio::select! {
+        _ = reached => {}
+        _ = tokio::time::sleep(Duration::from_secs(20)) => panic!("{point:?}: kill point not reached"),
+    }
+    task.abort(); // the crash: nothing more of this relay runs
+    let _ = task.await;
+
+    let survivor = Relay::with_clock(
+        f.outbox.clone(),
+        f.lock.clone(),
+        Arc::new(broker.producer()),
+        RelayConfig {
+            instance_id: format!("survivor-{point:?}"),
+            ..cfg.clone()
+        },
+        Arc::new(f.clock.clone()),
+    )
+    .expect("valid relay config");
+    f.clock.advance(cfg.lease_ttl + Duration::from_secs(1));
+    assert_eq!(
+        survivor.rebalance().await.expect("rebalance").len(),
+        f.outbox.shard_count() as usize,
+        "{point:?}: the survivor takes every shard once the leases expired"
+    );
+    drain(&survivor).await;
+
+    let published = broker.published(TOPIC);
+    let mut seen = HashSet::new();
+    let first: Vec<Message> = published
+        .iter()
+        .filter(|m| seen.insert(m.id))
+        .cloned()
+        .collect();
+    let expected: HashSet<MessageId> = added.iter().map(|m| m.id).collect();
+    assert_eq!(seen, expected, "{point:?}: nothing lost");
+    assert_eq!(
+        order_by_key(&first),
+        order_by_key(&added),
+        "{point:?}: per-key order at first receipt"
+    );
+    assert!(
+        published.len() <= added.len() + cfg.batch_size,
+        "{point:?}: duplicates bounded by one batch: {} published",
+        published.len()
+    );
+    let stats = f.outbox.stats().await.expect("stats");
+    assert_eq!(
+        (stats.pending, stats.parked),
+        (0, 0),
+        "{point:?}: nothing left"
+    );
+    survivor.release().await;
+}
+
+/// The backend's store and lock, with faults injected on demand: slow reads, an unreachable
+/// lock, and a trap that stops the caller dead inside one kind of call.
 #[derive(Debug)]
-struct SlowReads {
-    inner: Arc<dyn OutboxStore>,
-    delay: Duration,
+struct Faults {
+    store: Arc<dyn OutboxStore>,
+    lock: Arc<dyn outbox_core::DistributedLock>,
+    /// Every `fetch_pending` answers this long after reading (a slow network or replica).
+    read_delay: Mutex<Duration>,
+    /// While `true`, every lock call fails with a retryable `Unavailable`.
+    lock_down: AtomicBool,
+    /// The armed kill point and how many of its calls still pass.
+    trap: Mutex<Option<(KillPoint, usize)>>,
+    /// Notified when a call walked into the trap (it never returns).
+    trapped: tokio::sync::Notify,
+}
+
+impl Faults {
+    fn new<S: TransactionalStore>(f: &Fixture<S>) -> Arc<Self> {
+        Arc::new(Faults {
+            store: f.outbox.clone(),
+            lock: f.lock.clone(),
+            read_delay: Mutex::new(Duration::ZERO),
+            lock_down: AtomicBool::new(false),
+            trap: Mutex::new(None),
+            trapped: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Calls at `point` after the first `pass` ones never return.
+    fn arm(&self, point: KillPoint, pass: usize) {
+        *self.trap.lock().unwrap_or_else(|p| p.into_inner()) = Some((point, pass));
+    }
+
+    /// Pass, or hang forever if the trap at `point` is due.
+    async fn at(&self, point: KillPoint) {
+        let sprung = {
+            let mut trap = self.trap.lock().unwrap_or_else(|p| p.into_inner());
+            match trap.as_mut() {
+                Some((p, 0)) if *p == point => true,
+                Some((p, pass)) if *p == point => {
+                    *pass -= 1;
+                    false
+                }
+                _ => false,
+            }
+        };
+        if sprung {
+            self.trapped.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+
+    fn lock_check(&self) -> Result<()> {
+        if self.lock_down.load(AtomicOrdering::SeqCst) {
+            return Err(Error::unavailable("lock unreachable (injected)"));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
-impl OutboxStore for SlowReads {
+impl outbox_core::DistributedLock for Faults {
+    async fn acquire(
+        &self,
+        resource: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Option<outbox_core::Lease>> {
+        self.lock_check()?;
+        self.lock.acquire(resource, owner, ttl).await
+    }
+    async fn renew(&self, lease: &outbox_core::Lease, ttl: Duration) -> Result<outbox_core::Lease> {
+        self.lock_check()?;
+        self.at(KillPoint::Maintenance).await;
+        self.lock.renew(lease, ttl).await
+    }
+    async fn release(&self, lease: &outbox_core::Lease) -> Result<()> {
+        self.lock_check()?;
+        self.lock.release(lease).await
+    }
+    async fn current(&self, resource: &str) -> Result<Option<outbox_core::Lease>> {
+        self.lock_check()?;
+        self.lock.current(resource).await
+    }
+}
+
+#[async_trait]
+impl OutboxStore for Faults {
     fn capabilities(&self) -> outbox_core::Capabilities {
-        self.inner.capabilities()
+        self.store.capabilities()
     }
     fn shard_count(&self) -> u32 {
-        self.inner.shard_count()
+        self.store.shard_count()
     }
     async fn add(&self, message: &Message) -> Result<()> {
-        self.inner.add(message).await
+        self.store.add(message).await
     }
     async fn add_batch(&self, messages: &[Message]) -> Result<()> {
-        self.inner.add_batch(messages).await
+        self.store.add_batch(messages).await
     }
     async fn get(&self, id: MessageId) -> Result<Option<outbox_core::StoredMessage>> {
-        self.inner.get(id).await
+        self.store.get(id).await
     }
     async fn fetch_pending(
         &self,
         query: &outbox_core::PendingQuery,
     ) -> Result<Vec<outbox_core::StoredMessage>> {
-        let read = self.inner.fetch_pending(query).await;
-        tokio::time::sleep(self.delay).await;
+        self.at(KillPoint::Fetch).await;
+        let read = self.store.fetch_pending(query).await;
+        let delay = *self.read_delay.lock().unwrap_or_else(|p| p.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         read
     }
     async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
-        self.inner.mark_dispatched(ids).await
+        self.at(KillPoint::Mark).await;
+        self.store.mark_dispatched(ids).await
     }
     async fn mark_failed(
         &self,
         id: MessageId,
         attempt: &outbox_core::FailedAttempt,
     ) -> Result<outbox_core::FailureOutcome> {
-        self.inner.mark_failed(id, attempt).await
+        self.store.mark_failed(id, attempt).await
     }
     async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
-        self.inner.requeue(filter).await
+        self.store.requeue(filter).await
     }
     async fn stats(&self) -> Result<outbox_core::OutboxStats> {
-        self.inner.stats().await
+        self.store.stats().await
     }
     async fn purge_dispatched(&self, retention: Duration, limit: usize) -> Result<u64> {
-        self.inner.purge_dispatched(retention, limit).await
+        self.store.purge_dispatched(retention, limit).await
     }
     async fn list(
         &self,
         query: &outbox_core::ListQuery,
     ) -> Result<Vec<outbox_core::StoredMessage>> {
-        self.inner.list(query).await
+        self.store.list(query).await
+    }
+    async fn dispatched_since(&self, since: chrono::DateTime<chrono::Utc>) -> Result<Option<u64>> {
+        self.store.dispatched_since(since).await
     }
 }

@@ -148,3 +148,59 @@ pub async fn add_order_is_sequence_order<S: TransactionalStore>(f: &Fixture<S>) 
     let fetched = fetch(store, Ordering::PerKey, BIG).await;
     assert_eq!(fetched.last().map(|m| m.message.id), Some(later.id));
 }
+
+/// Per-key order is commit order (contract item 7): transaction A begins and stages a message
+/// of a key, then transaction B begins, stages a message of the same key and commits, then A
+/// commits. Where the backend lets B go first, the commits happen in the order B, A; where B's
+/// writes wait for A (SQLite's write lock, PostgreSQL's per-key lock) they happen A, B. Either
+/// way a fetch returns the key's messages in the order the commits happened. Run twice, with
+/// A's id sorting first and then last, so one run always has ids that sort against commit
+/// order: only the store's commit sequence explains the result.
+pub async fn commit_order_is_fetch_order<S: TransactionalStore>(f: &Fixture<S>) {
+    if no_transactions(f, "tx_commit_order_is_fetch_order") {
+        return;
+    }
+    for a_sorts_first in [true, false] {
+        let key = format!("commit-order-{a_sorts_first}");
+        let (lo, hi) = (MessageId::new(), MessageId::new());
+        let (a_id, b_id) = if a_sorts_first { (lo, hi) } else { (hi, lo) };
+        let a = crate::support::build(Message::builder("tx").key(&key).id(a_id));
+        let b = crate::support::build(Message::builder("tx").key(&key).id(b_id));
+        let order = std::sync::Mutex::new(Vec::new());
+        let (staged_tx, staged_rx) = tokio::sync::oneshot::channel::<()>();
+        let b_committed = tokio::sync::Notify::new();
+        let first = async {
+            let mut tx = ok(f.tx_store.begin().await, "begin A");
+            ok(tx.add(&a).await, "A: add");
+            let _ = staged_tx.send(());
+            // B commits meanwhile unless the backend makes it wait for A.
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(300),
+                b_committed.notified(),
+            )
+            .await;
+            ok(tx.commit().await, "commit A");
+            order.lock().unwrap_or_else(|p| p.into_inner()).push(a.id);
+        };
+        let second = async {
+            staged_rx.await.expect("A staged");
+            let mut tx = ok(f.tx_store.begin().await, "begin B");
+            ok(tx.add(&b).await, "B: add");
+            ok(tx.commit().await, "commit B");
+            order.lock().unwrap_or_else(|p| p.into_inner()).push(b.id);
+            b_committed.notify_one();
+        };
+        tokio::join!(first, second);
+        let committed = order.into_inner().unwrap_or_else(|p| p.into_inner());
+        let fetched: Vec<MessageId> = fetch(&*f.outbox, Ordering::PerKey, BIG)
+            .await
+            .iter()
+            .filter(|m| m.message.key.as_deref() == Some(key.as_str()))
+            .map(|m| m.message.id)
+            .collect();
+        assert_eq!(
+            fetched, committed,
+            "the key's messages come in commit order (A's id sorts first: {a_sorts_first})"
+        );
+    }
+}

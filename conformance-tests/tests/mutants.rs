@@ -28,6 +28,7 @@ enum Flaw {
     FetchAllShards,
     FetchUnordered,
     FetchReversed,
+    FetchById,
     FetchNoLimit,
     FetchNotDue,
     BatchNotAtomic,
@@ -180,6 +181,9 @@ impl OutboxStore for Mutant {
         if self.flaw == Flaw::FetchReversed {
             got.reverse();
         }
+        if self.flaw == Flaw::FetchById {
+            got.sort_by_key(|m| m.message.id);
+        }
         Ok(got)
     }
     async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
@@ -302,12 +306,31 @@ impl BusinessRecords<MutantTx> for Records {
 // ---------------------------------------------------------------------------------------------
 // A small inbox of our own, correct unless flawed.
 
+/// The window of a check-then-act flaw, made deterministic: each caller that has checked waits
+/// until a second caller has checked too (or 2 s pass, for a caller that is alone), so two
+/// concurrent callers always both see the state before either acts. A bare `yield_now` let one
+/// task finish before the others were scheduled on a loaded machine, and the flaw went unseen.
+#[derive(Debug, Default)]
+struct Racers(std::sync::atomic::AtomicUsize);
+
+impl Racers {
+    async fn meet(&self) {
+        use std::sync::atomic::Ordering;
+        self.0.fetch_add(1, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.0.load(Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct OwnInbox {
     clock: Arc<dyn Clock>,
     retention: Duration,
     flaw: Flaw,
     entries: Mutex<HashMap<(MessageId, String), DateTime<Utc>>>,
+    racers: Racers,
 }
 
 impl OwnInbox {
@@ -338,7 +361,7 @@ impl InboxStore for OwnInbox {
         let key = self.key(e);
         if self.flaw == Flaw::InboxRacy {
             let seen = self.live(self.entries().get(&key));
-            tokio::task::yield_now().await;
+            self.racers.meet().await;
             if seen {
                 return Ok(InsertOutcome::Duplicate);
             }
@@ -381,6 +404,7 @@ struct OwnLock {
     clock: Arc<dyn Clock>,
     flaw: Flaw,
     state: Mutex<(u64, HashMap<String, Lease>)>,
+    racers: Racers,
 }
 
 impl OwnLock {
@@ -415,7 +439,7 @@ impl DistributedLock for OwnLock {
         if self.flaw == Flaw::LockRacy {
             // Check, then act later: two acquirers can both see the resource free.
             let free = self.state().1.get(resource).is_none_or(|c| !self.live(c));
-            tokio::task::yield_now().await;
+            self.racers.meet().await;
             if !free {
                 return Ok(None);
             }
@@ -490,6 +514,7 @@ async fn setup(ctx: SetupContext, flaw: Flaw) -> Result<Fixture<Mutant>> {
             retention,
             flaw,
             entries: Mutex::new(HashMap::new()),
+            racers: Racers::default(),
         })
     });
     let store = Mutant {
@@ -506,6 +531,7 @@ async fn setup(ctx: SetupContext, flaw: Flaw) -> Result<Fixture<Mutant>> {
             clock: ctx.shared_clock(),
             flaw,
             state: Mutex::new((0, HashMap::new())),
+            racers: Racers::default(),
         })
     } else {
         Arc::new(outbox_core::memory::MemoryLock::new(ctx.shared_clock()))
@@ -555,6 +581,7 @@ async fn store_cases_catch_fetch_flaws() {
         store::add_batch_in_order,
         store::per_key_order_concurrent_writers,
     );
+    catches!(Flaw::FetchById, tx::commit_order_is_fetch_order);
     catches!(Flaw::FetchNoLimit, store::fetch_oldest_first_and_limit);
     catches!(
         Flaw::FetchNotDue,
@@ -860,6 +887,7 @@ async fn relay_cases_catch_relay_flaws() {
     );
     relay_catches!(
         RelayFlaw::MarkBeforeConfirm,
-        relay::broker_down_then_recovers
+        relay::broker_down_then_recovers,
+        relay::killed_at_any_point_loses_nothing,
     );
 }
