@@ -893,6 +893,37 @@ pub async fn stale_fetch_publishes_once<S: TransactionalStore>(f: &Fixture<S>) {
     );
 }
 
+/// Relay 10 at the in-flight cap: a backlog many times `max_in_flight` drains in `run` without
+/// waiting for a poll (poll interval one hour): each finished chain frees room for the next
+/// fetch.
+pub async fn backlog_drains_at_in_flight_cap<S: TransactionalStore>(f: &Fixture<S>) {
+    let broker = MemoryBroker::new();
+    let added = add_messages(f.outbox.as_ref(), 200, 40).await;
+    let r = relay(
+        f,
+        Arc::new(broker.producer()),
+        RelayConfig {
+            batch_size: 8,
+            max_in_flight: 8,
+            poll_interval: Duration::from_secs(3600),
+            ..config("capped")
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = r.spawn(shutdown.clone());
+    wait_until("the backlog drained without a poll", || {
+        broker.published_count() >= added.len()
+    })
+    .await;
+    shutdown.cancel();
+    running.await.expect("join").expect("run");
+    assert_eq!(
+        order_by_key(&broker.published(TOPIC)),
+        order_by_key(&added),
+        "per-key order"
+    );
+}
+
 /// Where a relay can be killed: inside which call it is when its task is aborted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KillPoint {

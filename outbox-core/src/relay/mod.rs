@@ -264,7 +264,11 @@ impl fmt::Debug for Relay {
 struct Started {
     chains: Vec<pipeline::Chain>,
     fetched: usize,
+    /// Messages were left behind: their key (or they themselves) was in flight, or the room
+    /// ran out. A finishing chain should bring on the next fetch.
     waiting: bool,
+    /// The store returned as many rows as asked: more may be due.
+    full: bool,
 }
 
 impl Started {
@@ -522,9 +526,11 @@ impl Relay {
         let mut fatal = None;
         loop {
             if fetch.is_none() && want_fetch && inner.breaker.open_until().is_none() {
-                want_fetch = false;
                 let capacity = config.max_in_flight.saturating_sub(inner.flight().len());
+                // At the cap the wish stays: the next chain to finish frees room and brings
+                // the loop back here (dropping it would idle the relay until the next poll).
                 if capacity > 0 {
+                    want_fetch = false;
                     fetch = Some(self.spawn_pass(capacity.min(config.batch_size)).await);
                 }
             }
@@ -548,10 +554,11 @@ impl Relay {
                     fetch = None;
                     match joined {
                         Ok(Ok(started)) => {
-                            // A full batch means more is due: fetch again at once.
-                            want_fetch |= !started.chains.is_empty()
-                                && started.fetched >= config.batch_size.min(config.max_in_flight);
-                            waiting = started.waiting;
+                            // A full read means more may be due: fetch again at once if this
+                            // one started something, else as soon as a chain finishes (the
+                            // rows it returned were in flight), never in a busy loop.
+                            want_fetch |= !started.chains.is_empty() && started.full;
+                            waiting = started.waiting || started.full;
                             started.spawn_onto(inner, &mut chains);
                         }
                         Ok(Err(e)) => {
@@ -688,6 +695,7 @@ impl Relay {
             chains: Vec::new(),
             fetched: 0,
             waiting: false,
+            full: false,
         };
         if shards.is_empty() || capacity == 0 {
             return Ok(started);
@@ -697,11 +705,12 @@ impl Relay {
             (flight.len(), flight.fetching())
         };
         let span = tracing::info_span!("outbox.relay.batch", shards = shards.len(), in_flight);
+        let limit = capacity.saturating_add(in_flight);
         let batch = inner
             .store
             .fetch_pending(&PendingQuery {
                 shards: shards.to_vec(),
-                limit: capacity.saturating_add(in_flight),
+                limit,
                 ordering: inner.config.ordering,
             })
             .instrument(span.clone())
@@ -713,6 +722,7 @@ impl Relay {
                 return other.map(|_| started);
             }
         };
+        started.full = batch.len() >= limit;
         inner.counters.batches.fetch_add(1, AtomicOrdering::Relaxed);
         inner.count(names::BATCHES, 1);
         // Admission is checked against the leases as they are now, after the fetch.
