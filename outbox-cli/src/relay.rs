@@ -36,6 +36,11 @@ pub struct RelayArgs {
     /// A TOML file with relay settings; flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// DynamoDB stores: how often to read the table's stream for new messages (default
+    /// 250ms); the relay publishes a woken shard at once. Other stores ignore it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+        default_value = "250ms")]
+    stream_interval: Duration,
     #[command(flatten)]
     knobs: Knobs,
 }
@@ -273,7 +278,7 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
     let shutdown = CancellationToken::new();
     let signals = listen_for_signals(shutdown.clone())?;
     let wake = opened
-        .listen(relay.handle(), shutdown.clone())
+        .listen(relay.handle(), args.stream_interval, shutdown.clone())
         .await
         .map_err(|e| e.context("setting up wake-ups"))?;
     eprintln!(
