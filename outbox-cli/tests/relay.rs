@@ -420,3 +420,67 @@ async fn relay_publishes_from_dynamodb_and_releases_its_leases() {
     assert_leases_released(&store, &store.lock()).await;
     store.delete_tables().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_wakes_on_the_dynamodb_stream() {
+    let Some(endpoint) = service("OUTBOX_TEST_DYNAMODB_ENDPOINT", "relay_dynamodb_stream") else {
+        return;
+    };
+    let Some(brokers) = service("OUTBOX_TEST_KAFKA_BROKERS", "relay_dynamodb_stream") else {
+        return;
+    };
+    let topic = unique("cli_topic");
+    outbox_kafka::create_topics(&outbox_kafka::KafkaConfig::new(&brokers), &[(&topic, 1)])
+        .await
+        .unwrap();
+    let prefix = format!("{}_", unique("cli"));
+    let store = outbox_dynamodb::DynamoDbStore::new(
+        outbox_dynamodb::local_client(&endpoint),
+        outbox_dynamodb::DynamoDbConfig::new(prefix.clone()),
+    )
+    .unwrap();
+    store.create_tables().await.unwrap();
+
+    // Polling every 60 s: only the stream can make it publish within seconds.
+    let args = relay_args(
+        &format!("dynamodb://?region=us-east-1&endpoint={endpoint}&prefix={prefix}"),
+        &format!("kafka://{brokers}"),
+        &[
+            "--poll-interval",
+            "60s",
+            "--lease-ttl",
+            "90s",
+            "--publish-timeout",
+            "5s",
+            "--stream-interval",
+            "100ms",
+        ],
+    );
+    let mut relay = RelayProcess::start(&args);
+    relay.wait_for_log("wakes on the DynamoDB stream").await;
+    // Every shard leased (the first tick) before the commit, so the wake-up is what publishes.
+    let lock = store.lock();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for shard in 0..store.shard_count() {
+        let resource = outbox_core::shard_lease_name("outbox", shard);
+        while lock.current(&resource).await.unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{resource} not taken:\n{}",
+                relay.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let batch = messages(&topic, 20);
+    store.add_batch(&batch).await.unwrap();
+    wait_drained(&store, &relay, Duration::from_secs(15)).await;
+    for m in &batch {
+        let stored = store.get(m.id).await.unwrap().unwrap();
+        assert!(stored.dispatched_at.is_some(), "{} not dispatched", m.id);
+    }
+    assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
+    assert_leases_released(&store, &lock).await;
+    store.delete_tables().await.unwrap();
+}
