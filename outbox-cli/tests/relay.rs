@@ -243,7 +243,7 @@ async fn relay_publishes_a_backlog_to_rabbitmq_serves_metrics_and_stops_on_sigte
         let text = scrape(port);
         let settled = metric(&text, outbox_core::metrics::PUBLISHED) == Some(N as f64)
             && metric(&text, outbox_core::metrics::PENDING) == Some(0.0)
-            // Set at the first lease renewal (lease TTL / 3 = 1 s here), not at acquisition.
+            // Set when the leases are acquired (and again at each renewal).
             && metric(&text, outbox_core::metrics::LEASES_HELD).is_some();
         if settled || Instant::now() > deadline {
             break text;
@@ -483,4 +483,93 @@ async fn relay_wakes_on_the_dynamodb_stream() {
     assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
     assert_leases_released(&store, &lock).await;
     store.delete_tables().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_cloud_events_to_kafka() {
+    use outbox_kafka::rdkafka::Message as _;
+    use outbox_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use outbox_kafka::rdkafka::message::Headers as _;
+
+    let Some(brokers) = service("OUTBOX_TEST_KAFKA_BROKERS", "relay_cloud_events") else {
+        return;
+    };
+    let topic = unique("cli_topic");
+    let kafka = outbox_kafka::KafkaConfig::new(&brokers);
+    outbox_kafka::create_topics(&kafka, &[(&topic, 1)])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let store = outbox_sqlite::SqliteStore::open(outbox_sqlite::SqliteConfig::new(&path))
+        .await
+        .unwrap();
+    let sent = Message::builder(&topic)
+        .key("k")
+        .json(&serde_json::json!({"n": 1}))
+        .type_name("com.example.cli")
+        .build()
+        .unwrap();
+    store.add(&sent).await.unwrap();
+
+    // A bad source is refused before anything starts.
+    let mut bad = relay_args(
+        &format!("sqlite://{}", path.display()),
+        &format!("kafka://{brokers}"),
+        &["--cloudevents-source", "has space"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("relay")
+        .args(bad.drain(..))
+        .env_remove("OUTBOX_STORE")
+        .env_remove("OUTBOX_TRANSPORT")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--cloudevents-source"), "{err}");
+
+    let args = relay_args(
+        &format!("sqlite://{}", path.display()),
+        &format!("kafka://{brokers}"),
+        &[
+            "--poll-interval",
+            "50ms",
+            "--cloudevents-source",
+            "/cli-test",
+        ],
+    );
+    let mut relay = RelayProcess::start(&args);
+    wait_drained(&store, &relay, Duration::from_secs(30)).await;
+    assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
+
+    let consumer: StreamConsumer = kafka
+        .to_client_config()
+        .set("group.id", unique("cli_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("a record within 60 s")
+        .unwrap();
+    let headers: std::collections::HashMap<String, String> = record
+        .headers()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h.key.to_owned(),
+                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(headers["ce_id"], sent.id.to_string());
+    assert_eq!(headers["ce_type"], "com.example.cli");
+    assert_eq!(headers["ce_source"], "/cli-test");
+    assert_eq!(headers["ce_specversion"], "1.0");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(record.payload(), Some(&br#"{"n":1}"#[..]));
 }
