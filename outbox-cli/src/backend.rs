@@ -30,7 +30,7 @@ enum Backend {
     #[cfg(feature = "postgres")]
     Postgres(outbox_postgres::PgStore),
     #[cfg(feature = "dynamodb")]
-    DynamoDb,
+    DynamoDb(Box<(outbox_dynamodb::DynamoDbStore, aws_config::SdkConfig)>),
 }
 
 /// Whether to create the tables or insist they exist.
@@ -138,8 +138,8 @@ pub async fn open(location: &StoreLocation, mode: Mode) -> CliResult<Opened> {
             }
             Ok(Opened {
                 lock: Arc::new(store.lock()),
-                store: Arc::new(store),
-                backend: Backend::DynamoDb,
+                store: Arc::new(store.clone()),
+                backend: Backend::DynamoDb(Box::new((store, sdk))),
             })
         }
         #[allow(unreachable_patterns)] // every feature on: every location is handled above
@@ -195,6 +195,7 @@ impl Opened {
     pub async fn listen(
         &self,
         relay: RelayHandle,
+        stream_interval: std::time::Duration,
         shutdown: CancellationToken,
     ) -> CliResult<Option<String>> {
         match &self.backend {
@@ -203,9 +204,22 @@ impl Opened {
                 store.listen(relay, shutdown).await?;
                 Ok(Some(format!("LISTEN {}", store.notify_channel())))
             }
+            #[cfg(feature = "dynamodb")]
+            Backend::DynamoDb(opened) => {
+                let (store, sdk) = opened.as_ref();
+                // The same settings (region, endpoint, credentials) as the store's client.
+                let client = outbox_dynamodb::aws_sdk_dynamodbstreams::Client::new(sdk);
+                let listener = outbox_dynamodb::StreamListener::new(store, client).await?;
+                tokio::spawn(listener.run(relay, stream_interval, shutdown));
+                Ok(Some(format!(
+                    "the DynamoDB stream of {} (read every {})",
+                    store.table_names().0,
+                    crate::util::human_duration(stream_interval)
+                )))
+            }
             #[allow(unreachable_patterns)]
             _ => {
-                let _ = (relay, shutdown);
+                let _ = (relay, stream_interval, shutdown);
                 Ok(None)
             }
         }

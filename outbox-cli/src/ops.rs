@@ -193,7 +193,7 @@ pub async fn status(args: StatusArgs) -> CliResult<bool> {
         .await
         .context("counting dispatched messages")?;
     let shards = futures::future::try_join_all((0..opened.store.shard_count()).map(|shard| {
-        let resource = format!("{}/shard/{shard}", args.lock_prefix);
+        let resource = outbox_core::shard_lease_name(&args.lock_prefix, shard);
         let lock = opened.lock.clone();
         async move {
             let lease = lock.current(&resource).await?;

@@ -36,6 +36,15 @@ pub struct RelayArgs {
     /// A TOML file with relay settings; flags given here override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// DynamoDB stores: how often to read the table's stream for new messages (default
+    /// 250ms); the relay publishes a woken shard at once. Other stores ignore it.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration,
+        default_value = "250ms")]
+    stream_interval: Duration,
+    /// Publish every message as a CloudEvent (binary content mode: Kafka `ce_*` headers,
+    /// AMQP `cloudEvents:` headers) with this `source`, e.g. /billing.
+    #[arg(long, value_name = "SOURCE", env = "OUTBOX_CLOUDEVENTS_SOURCE")]
+    cloudevents_source: Option<String>,
     #[command(flatten)]
     knobs: Knobs,
 }
@@ -259,7 +268,14 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
     let transport_location = TransportLocation::parse(&args.transport)?;
     let config = relay_config(&args)?;
     let opened = backend::open(&store_location, Mode::Existing).await?;
-    let producer = transport::open(&transport_location, config.publish_timeout).await?;
+    let cloud_events = args
+        .cloudevents_source
+        .clone()
+        .map(outbox_core::cloudevents::CloudEvents::new)
+        .transpose()
+        .map_err(|e| CliError::from(e).context("--cloudevents-source"))?;
+    let producer =
+        transport::open(&transport_location, config.publish_timeout, cloud_events).await?;
     if let Some(addr) = args.metrics_addr {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -273,7 +289,7 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
     let shutdown = CancellationToken::new();
     let signals = listen_for_signals(shutdown.clone())?;
     let wake = opened
-        .listen(relay.handle(), shutdown.clone())
+        .listen(relay.handle(), args.stream_interval, shutdown.clone())
         .await
         .map_err(|e| e.context("setting up wake-ups"))?;
     eprintln!(

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::Producer;
+use outbox_core::cloudevents::CloudEvents;
 
 use crate::location::TransportLocation;
 #[cfg(any(feature = "kafka", feature = "rabbitmq"))]
@@ -19,9 +20,13 @@ use crate::util::{CliResult, missing_feature};
 /// the rest, and RabbitMQ's confirm timeout is `publish_timeout`: so the producer's
 /// [`Producer::delivery_timeout`] never exceeds the relay's `publish_timeout`, and a send the
 /// relay gave up on cannot land after its lease expired.
+///
+/// With `cloud_events`, every message is sent as a CloudEvent in binary content mode (see the
+/// transport crates' READMEs).
 pub async fn open(
     location: &TransportLocation,
     publish_timeout: Duration,
+    cloud_events: Option<CloudEvents>,
 ) -> CliResult<Arc<dyn Producer>> {
     #[cfg(any(feature = "kafka", feature = "rabbitmq"))]
     let context = |e: outbox_core::Error| CliError::from(e).context(format_args!("{location}"));
@@ -55,7 +60,10 @@ pub async fn open(
             let config = outbox_kafka::KafkaConfig::from_env_vars(prefix, vars)
                 .map_err(context)?
                 .with_send_queue_timeout(queue_wait);
-            let producer = outbox_kafka::KafkaProducer::new(&config).map_err(context)?;
+            let mut producer = outbox_kafka::KafkaProducer::new(&config).map_err(context)?;
+            if let Some(ce) = cloud_events {
+                producer = producer.with_cloud_events(ce);
+            }
             Ok(Arc::new(producer))
         }
         #[cfg(feature = "rabbitmq")]
@@ -66,6 +74,7 @@ pub async fn open(
                 exchange.clone(),
             );
             config.confirm_timeout = publish_timeout;
+            config.cloud_events = cloud_events;
             let producer = outbox_rabbitmq::RabbitMqProducer::connect(config)
                 .await
                 .map_err(context)?;
@@ -73,7 +82,7 @@ pub async fn open(
         }
         #[allow(unreachable_patterns)] // every feature on: every location is handled above
         _ => {
-            let _ = publish_timeout;
+            let _ = (publish_timeout, cloud_events);
             Err(missing_feature(location.feature()))
         }
     }

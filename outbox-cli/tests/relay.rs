@@ -243,7 +243,7 @@ async fn relay_publishes_a_backlog_to_rabbitmq_serves_metrics_and_stops_on_sigte
         let text = scrape(port);
         let settled = metric(&text, outbox_core::metrics::PUBLISHED) == Some(N as f64)
             && metric(&text, outbox_core::metrics::PENDING) == Some(0.0)
-            // Set at the first lease renewal (lease TTL / 3 = 1 s here), not at acquisition.
+            // Set when the leases are acquired (and again at each renewal).
             && metric(&text, outbox_core::metrics::LEASES_HELD).is_some();
         if settled || Instant::now() > deadline {
             break text;
@@ -419,4 +419,157 @@ async fn relay_publishes_from_dynamodb_and_releases_its_leases() {
     assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
     assert_leases_released(&store, &store.lock()).await;
     store.delete_tables().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_wakes_on_the_dynamodb_stream() {
+    let Some(endpoint) = service("OUTBOX_TEST_DYNAMODB_ENDPOINT", "relay_dynamodb_stream") else {
+        return;
+    };
+    let Some(brokers) = service("OUTBOX_TEST_KAFKA_BROKERS", "relay_dynamodb_stream") else {
+        return;
+    };
+    let topic = unique("cli_topic");
+    outbox_kafka::create_topics(&outbox_kafka::KafkaConfig::new(&brokers), &[(&topic, 1)])
+        .await
+        .unwrap();
+    let prefix = format!("{}_", unique("cli"));
+    let store = outbox_dynamodb::DynamoDbStore::new(
+        outbox_dynamodb::local_client(&endpoint),
+        outbox_dynamodb::DynamoDbConfig::new(prefix.clone()),
+    )
+    .unwrap();
+    store.create_tables().await.unwrap();
+
+    // Polling every 60 s: only the stream can make it publish within seconds.
+    let args = relay_args(
+        &format!("dynamodb://?region=us-east-1&endpoint={endpoint}&prefix={prefix}"),
+        &format!("kafka://{brokers}"),
+        &[
+            "--poll-interval",
+            "60s",
+            "--lease-ttl",
+            "90s",
+            "--publish-timeout",
+            "5s",
+            "--stream-interval",
+            "100ms",
+        ],
+    );
+    let mut relay = RelayProcess::start(&args);
+    relay.wait_for_log("wakes on the DynamoDB stream").await;
+    // Every shard leased (the first tick) before the commit, so the wake-up is what publishes.
+    let lock = store.lock();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for shard in 0..store.shard_count() {
+        let resource = outbox_core::shard_lease_name("outbox", shard);
+        while lock.current(&resource).await.unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{resource} not taken:\n{}",
+                relay.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let batch = messages(&topic, 20);
+    store.add_batch(&batch).await.unwrap();
+    wait_drained(&store, &relay, Duration::from_secs(15)).await;
+    for m in &batch {
+        let stored = store.get(m.id).await.unwrap().unwrap();
+        assert!(stored.dispatched_at.is_some(), "{} not dispatched", m.id);
+    }
+    assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
+    assert_leases_released(&store, &lock).await;
+    store.delete_tables().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_cloud_events_to_kafka() {
+    use outbox_kafka::rdkafka::Message as _;
+    use outbox_kafka::rdkafka::consumer::{Consumer as _, StreamConsumer};
+    use outbox_kafka::rdkafka::message::Headers as _;
+
+    let Some(brokers) = service("OUTBOX_TEST_KAFKA_BROKERS", "relay_cloud_events") else {
+        return;
+    };
+    let topic = unique("cli_topic");
+    let kafka = outbox_kafka::KafkaConfig::new(&brokers);
+    outbox_kafka::create_topics(&kafka, &[(&topic, 1)])
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.db");
+    let store = outbox_sqlite::SqliteStore::open(outbox_sqlite::SqliteConfig::new(&path))
+        .await
+        .unwrap();
+    let sent = Message::builder(&topic)
+        .key("k")
+        .json(&serde_json::json!({"n": 1}))
+        .type_name("com.example.cli")
+        .build()
+        .unwrap();
+    store.add(&sent).await.unwrap();
+
+    // A bad source is refused before anything starts.
+    let mut bad = relay_args(
+        &format!("sqlite://{}", path.display()),
+        &format!("kafka://{brokers}"),
+        &["--cloudevents-source", "has space"],
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .arg("relay")
+        .args(bad.drain(..))
+        .env_remove("OUTBOX_STORE")
+        .env_remove("OUTBOX_TRANSPORT")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("--cloudevents-source"), "{err}");
+
+    let args = relay_args(
+        &format!("sqlite://{}", path.display()),
+        &format!("kafka://{brokers}"),
+        &[
+            "--poll-interval",
+            "50ms",
+            "--cloudevents-source",
+            "/cli-test",
+        ],
+    );
+    let mut relay = RelayProcess::start(&args);
+    wait_drained(&store, &relay, Duration::from_secs(30)).await;
+    assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
+
+    let consumer: StreamConsumer = kafka
+        .to_client_config()
+        .set("group.id", unique("cli_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("a record within 60 s")
+        .unwrap();
+    let headers: std::collections::HashMap<String, String> = record
+        .headers()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h.key.to_owned(),
+                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(headers["ce_id"], sent.id.to_string());
+    assert_eq!(headers["ce_type"], "com.example.cli");
+    assert_eq!(headers["ce_source"], "/cli-test");
+    assert_eq!(headers["ce_specversion"], "1.0");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(record.payload(), Some(&br#"{"n":1}"#[..]));
 }

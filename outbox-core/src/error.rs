@@ -46,6 +46,9 @@ pub enum ErrorKind {
     InvalidInput,
     /// The configuration is invalid (bad table name, shard count 0, ...).
     ConfigInvalid,
+    /// A payload could not be encoded or decoded as the requested type: wrong content type,
+    /// malformed body, unknown message type. Permanent: the same bytes never decode.
+    Decode,
     /// The backend or broker is unreachable, overloaded, throttling or timed out.
     Unavailable,
     /// Anything else. Usually a bug or an unexpected state of the backend.
@@ -70,6 +73,7 @@ impl ErrorKind {
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::ConfigInvalid => "config_invalid",
+            ErrorKind::Decode => "decode",
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Unexpected => "unexpected",
         }

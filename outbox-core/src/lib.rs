@@ -6,10 +6,13 @@ mod forward;
 mod inbox;
 mod lock;
 mod message;
+mod otel;
+mod router;
 mod store;
 mod transport;
 mod tx;
 
+pub mod cloudevents;
 pub mod memory;
 pub mod metrics;
 pub mod processor;
@@ -20,8 +23,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
 pub use lock::{DistributedLock, Lease};
 pub use message::{
-    MAX_FIELD_LEN, Message, MessageBuilder, MessageId, MessageStatus, MessageType, StoredMessage,
-    TraceContext, shard_for,
+    JSON_CONTENT_TYPE, MAX_FIELD_LEN, Message, MessageBuilder, MessageId, MessageStatus,
+    MessageType, StoredMessage, TYPE_NAME_HEADER, TraceContext, TypedMessage, is_json_content_type,
+    shard_for,
 };
 pub use processor::{
     DEFAULT_CONCURRENCY, DEFAULT_MAX_DELIVERIES, HandlerError, InboxProcessor, MessageHandler,
@@ -29,7 +33,9 @@ pub use processor::{
 };
 pub use relay::{
     OutageBackoff, Relay, RelayConfig, RelayHandle, RelayHealth, RetryPolicy, RunReport,
+    shard_lease_name,
 };
+pub use router::{Router, TypedHandler, UnknownType};
 pub use store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
     PendingQuery, RequeueFilter,

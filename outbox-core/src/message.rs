@@ -7,11 +7,51 @@ use std::str::FromStr;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::clock::truncate_micros;
 use crate::error::{Error, Result};
+
+/// The content type [`Message::json`] and [`MessageBuilder::json`] set.
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// The application header carrying a message's type name ([`TypedMessage::TYPE_NAME`], set by
+/// [`MessageBuilder::typed`] and [`MessageBuilder::type_name`]). [`Router`](crate::Router)
+/// dispatches on it, and transports in CloudEvents mode send it as the event's `type`.
+pub const TYPE_NAME_HEADER: &str = "type-name";
+
+/// A payload type with a stable name, so consumers can tell messages apart before decoding
+/// them: the name travels in the [`TYPE_NAME_HEADER`] header (and as the CloudEvents `type`).
+///
+/// ```
+/// use outbox_core::{Message, TypedMessage};
+/// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+/// struct OrderPlaced { id: u64 }
+/// impl TypedMessage for OrderPlaced { const TYPE_NAME: &'static str = "com.example.order.placed"; }
+///
+/// let m = Message::typed("orders", &OrderPlaced { id: 42 }).unwrap();
+/// assert_eq!(m.type_name(), Some("com.example.order.placed"));
+/// assert_eq!(m.decode_json::<OrderPlaced>().unwrap(), OrderPlaced { id: 42 });
+/// ```
+pub trait TypedMessage: Serialize + DeserializeOwned {
+    /// The type name, e.g. `com.example.order.placed`. Stable across versions of the type:
+    /// it is how a consumer picks the handler.
+    const TYPE_NAME: &'static str;
+}
+
+/// Whether `content_type` is JSON: `application/json`, or any `+json` media type
+/// (`application/cloudevents+json`, ...), parameters (`; charset=utf-8`) allowed, case-insensitive.
+pub fn is_json_content_type(content_type: &str) -> bool {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    media == JSON_CONTENT_TYPE || (media.starts_with("application/") && media.ends_with("+json"))
+}
 
 /// Longest accepted topic, key, header name, content type or id-like field, in bytes.
 pub const MAX_FIELD_LEN: usize = 1024;
@@ -178,6 +218,64 @@ impl Message {
         MessageBuilder::new(topic)
     }
 
+    /// A message of `topic` whose payload is `value` as JSON, content type `application/json`.
+    /// Use [`MessageBuilder::json`] to set a key or other fields as well.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) when `value` cannot be serialized (a
+    /// map with non-string keys, a failing `Serialize` impl); the builder's errors.
+    pub fn json<T: Serialize + ?Sized>(topic: impl Into<String>, value: &T) -> Result<Message> {
+        Message::builder(topic).json(value).build()
+    }
+
+    /// Like [`Message::json`], plus the type name `T::TYPE_NAME` in the [`TYPE_NAME_HEADER`]
+    /// header.
+    ///
+    /// # Errors
+    /// As [`Message::json`].
+    pub fn typed<T: TypedMessage>(topic: impl Into<String>, value: &T) -> Result<Message> {
+        Message::builder(topic).typed(value).build()
+    }
+
+    /// The type name from the [`TYPE_NAME_HEADER`] header, if the message has one.
+    pub fn type_name(&self) -> Option<&str> {
+        self.headers.get(TYPE_NAME_HEADER).map(String::as_str)
+    }
+
+    /// The payload decoded from JSON into a `T`.
+    ///
+    /// # Errors
+    /// A permanent [`ErrorKind::Decode`](crate::ErrorKind::Decode) naming the message and the
+    /// problem: no content type or one that is not JSON (see [`is_json_content_type`]), or a
+    /// payload that is not a valid JSON `T` (the message is not changed; retrying cannot help).
+    pub fn decode_json<T: DeserializeOwned>(&self) -> Result<T> {
+        let decode_error = |what: String| Error::new(crate::ErrorKind::Decode, what);
+        match self.content_type.as_deref() {
+            Some(ct) if is_json_content_type(ct) => {}
+            Some(ct) => {
+                return Err(decode_error(format!(
+                    "message {} has content type {ct:?}, not JSON; cannot decode it as {}",
+                    self.id,
+                    std::any::type_name::<T>()
+                )));
+            }
+            None => {
+                return Err(decode_error(format!(
+                    "message {} has no content type; expected {JSON_CONTENT_TYPE} to decode it as {}",
+                    self.id,
+                    std::any::type_name::<T>()
+                )));
+            }
+        }
+        serde_json::from_slice(&self.payload).map_err(|e| {
+            decode_error(format!(
+                "message {} is not a valid JSON {}: {e}",
+                self.id,
+                std::any::type_name::<T>()
+            ))
+        })
+    }
+
     /// Approximate encoded size in bytes: payload plus every text field. Backends add their own
     /// per-item overhead when checking their size limit.
     pub fn encoded_size(&self) -> usize {
@@ -273,6 +371,9 @@ fn check_text(field: &str, v: &str, allow_empty: bool) -> Result<()> {
 #[derive(Debug, Clone)]
 pub struct MessageBuilder {
     msg: Message,
+    /// A failure of a fallible step ([`json`](Self::json)), reported by [`build`](Self::build)
+    /// (kind and message: the builder stays `Clone`).
+    error: Option<(crate::ErrorKind, String)>,
 }
 
 impl MessageBuilder {
@@ -290,9 +391,43 @@ impl MessageBuilder {
                 reply_to: None,
                 created_at: truncate_micros(Utc::now()),
                 deliver_after: None,
-                trace: TraceContext::default(),
+                trace: crate::otel::current_trace_context(),
             },
+            error: None,
         }
+    }
+
+    /// The payload as JSON, content type `application/json`. A serialization failure is
+    /// reported by [`build`](Self::build) (as [`ErrorKind::Decode`](crate::ErrorKind::Decode)).
+    pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(body) => {
+                self.msg.payload = Bytes::from(body);
+                self.msg.content_type = Some(JSON_CONTENT_TYPE.to_owned());
+            }
+            Err(e) => {
+                self.error.get_or_insert_with(|| {
+                    (
+                        crate::ErrorKind::Decode,
+                        format!(
+                            "cannot serialize {} as JSON: {e}",
+                            std::any::type_name::<T>()
+                        ),
+                    )
+                });
+            }
+        }
+        self
+    }
+
+    /// [`json`](Self::json) plus the type name `T::TYPE_NAME` (see [`TypedMessage`]).
+    pub fn typed<T: TypedMessage>(self, value: &T) -> Self {
+        self.json(value).type_name(T::TYPE_NAME)
+    }
+
+    /// Set the type name (the [`TYPE_NAME_HEADER`] header) by hand.
+    pub fn type_name(self, name: impl Into<String>) -> Self {
+        self.header(TYPE_NAME_HEADER, name)
     }
 
     /// Use a given id instead of a fresh UUIDv7.
@@ -345,7 +480,8 @@ impl MessageBuilder {
         self.msg.deliver_after = Some(truncate_micros(t));
         self
     }
-    /// The whole trace context.
+    /// The whole trace context. With the `opentelemetry` feature, the builder starts with the
+    /// context of the current `tracing` span; this replaces it.
     pub fn trace(mut self, trace: TraceContext) -> Self {
         self.msg.trace = trace;
         self
@@ -370,8 +506,12 @@ impl MessageBuilder {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the offending field:
-    /// empty topic, a field over [`MAX_FIELD_LEN`] bytes, a NUL character, an empty header name.
+    /// empty topic, a field over [`MAX_FIELD_LEN`] bytes, a NUL character, an empty header name;
+    /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) when [`json`](Self::json) failed.
     pub fn build(self) -> Result<Message> {
+        if let Some((kind, message)) = self.error {
+            return Err(Error::new(kind, message));
+        }
         self.msg.validate()?;
         Ok(self.msg)
     }
@@ -510,6 +650,76 @@ mod tests {
             assert!(shard_for(Some(&format!("k{i}")), &id, 7) < 7);
         }
         assert_eq!(shard_for(None, &id, 0), 0);
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Placed {
+        id: u64,
+        note: String,
+    }
+    impl TypedMessage for Placed {
+        const TYPE_NAME: &'static str = "test.placed";
+    }
+
+    #[test]
+    fn json_round_trip_and_typed_header() {
+        let v = Placed {
+            id: 7,
+            note: "ü".into(),
+        };
+        let m = Message::json("t", &v).unwrap();
+        assert_eq!(m.content_type.as_deref(), Some("application/json"));
+        assert_eq!(m.type_name(), None);
+        assert_eq!(m.decode_json::<Placed>().unwrap(), v);
+        let m = Message::builder("t").key("k").typed(&v).build().unwrap();
+        assert_eq!(m.key.as_deref(), Some("k"));
+        assert_eq!(m.type_name(), Some("test.placed"));
+        assert_eq!(m.headers[TYPE_NAME_HEADER], "test.placed");
+        assert_eq!(m.decode_json::<Placed>().unwrap(), v);
+    }
+
+    #[test]
+    fn json_content_types() {
+        for ct in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/cloudevents+json",
+        ] {
+            assert!(is_json_content_type(ct), "{ct}");
+        }
+        for ct in ["text/plain", "application/xml", "", "json", "text/x+json"] {
+            assert!(!is_json_content_type(ct), "{ct}");
+        }
+    }
+
+    #[test]
+    fn decode_mismatches_are_permanent_decode_errors_naming_the_problem() {
+        let text = Message::builder("t")
+            .payload("{}")
+            .content_type("text/plain")
+            .build()
+            .unwrap();
+        let e = text.decode_json::<Placed>().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Decode);
+        assert!(!e.is_retryable());
+        assert!(e.message().contains("text/plain"), "{e}");
+        assert!(e.message().contains(&text.id.to_string()), "{e}");
+
+        let none = Message::builder("t").payload("{}").build().unwrap();
+        let e = none.decode_json::<Placed>().unwrap_err();
+        assert!(e.message().contains("no content type"), "{e}");
+
+        let wrong_shape = Message::json("t", &serde_json::json!({"id": "x"})).unwrap();
+        let e = wrong_shape.decode_json::<Placed>().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Decode);
+        assert!(e.message().contains("Placed"), "{e}");
+        assert!(e.message().contains("invalid type"), "{e}");
+
+        // Non-string map keys cannot be JSON: the builder reports it at build().
+        let bad = std::collections::HashMap::from([((1, 2), 3)]);
+        let e = Message::builder("t").json(&bad).build().unwrap_err();
+        assert_eq!(e.kind(), crate::ErrorKind::Decode);
+        assert!(e.message().contains("cannot serialize"), "{e}");
     }
 
     #[test]

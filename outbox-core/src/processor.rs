@@ -9,7 +9,9 @@
 //!   counted in [`ProcessorStats::duplicates`].
 //! - A handler error rolls the transaction back and nacks the delivery, so the broker
 //!   redelivers it. From the `max_deliveries`-th failed delivery on, the message is
-//!   dead-lettered instead, with the handler's error as the reason.
+//!   dead-lettered instead, with the handler's error as the reason. A
+//!   [permanent](HandlerError::permanent) handler error (a payload that can never be handled,
+//!   such as one that does not decode) dead-letters the message at once.
 //! - A store error (cannot begin, insert the inbox entry or commit) counts like a handler
 //!   error: the delivery is nacked, and dead-lettered from the `max_deliveries`-th delivery on.
 //!
@@ -40,14 +42,31 @@ use crate::tx::{Transaction, TransactionalStore};
 #[derive(Debug)]
 pub struct HandlerError {
     message: String,
+    permanent: bool,
 }
 
 impl HandlerError {
-    /// A handler failure described by `message`.
+    /// A handler failure described by `message`: the delivery is retried (up to
+    /// `max_deliveries`).
     pub fn new(message: impl Into<String>) -> Self {
         HandlerError {
             message: message.into(),
+            permanent: false,
         }
+    }
+
+    /// A failure no redelivery can cure (the payload does not decode, its type is unknown):
+    /// [`InboxProcessor`] dead-letters the message at once, with `message` as the reason.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            permanent: true,
+        }
+    }
+
+    /// Whether this failure dead-letters the message without further deliveries.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 }
 
@@ -205,6 +224,8 @@ where
         let span = tracing::info_span!("outbox.inbox.handle", message_id = %m.id, topic = %m.topic,
             key = m.key.as_deref().unwrap_or(""), attempt = delivery.attempt,
             handler = %self.handler_key);
+        // With the `opentelemetry` feature: a child of the context the message carries.
+        crate::otel::set_parent(&span, &m.trace);
         self.process_inner(consumer, delivery)
             .instrument(span)
             .await
@@ -220,7 +241,7 @@ where
             Ok(tx) => tx,
             Err(e) => {
                 return self
-                    .failed(consumer, delivery, e.to_string(), Some(e))
+                    .failed(consumer, delivery, e.to_string(), false, Some(e))
                     .await;
             }
         };
@@ -237,7 +258,7 @@ where
             Err(e) => {
                 drop(tx);
                 return self
-                    .failed(consumer, delivery, e.to_string(), Some(e))
+                    .failed(consumer, delivery, e.to_string(), false, Some(e))
                     .await;
             }
         }
@@ -256,19 +277,26 @@ where
                     if self.store_has_entry(&entry).await {
                         self.ack_duplicate(consumer, delivery).await
                     } else {
-                        self.failed(consumer, delivery, e.to_string(), Some(e))
+                        self.failed(consumer, delivery, e.to_string(), false, Some(e))
                             .await
                     }
                 }
                 Err(e) => {
-                    self.failed(consumer, delivery, e.to_string(), Some(e))
+                    self.failed(consumer, delivery, e.to_string(), false, Some(e))
                         .await
                 }
             },
             Err(handler_error) => {
                 drop(tx);
-                self.failed(consumer, delivery, handler_error.to_string(), None)
-                    .await
+                let permanent = handler_error.is_permanent();
+                self.failed(
+                    consumer,
+                    delivery,
+                    handler_error.to_string(),
+                    permanent,
+                    None,
+                )
+                .await
             }
         }
     }
@@ -366,16 +394,17 @@ where
     }
 
     /// The delivery failed (handler, inbox insert or commit): nack it for redelivery, or
-    /// dead-letter it on its `max_deliveries`-th delivery. A store error is returned after
-    /// the nack so the caller sees it; a handler error is an outcome.
+    /// dead-letter it on its `max_deliveries`-th delivery (at once when `permanent`). A store
+    /// error is returned after the nack so the caller sees it; a handler error is an outcome.
     async fn failed(
         &self,
         consumer: &dyn Consumer,
         delivery: &Delivery,
         reason: String,
+        permanent: bool,
         store_error: Option<Error>,
     ) -> Result<ProcessOutcome> {
-        if delivery.attempt >= self.max_deliveries {
+        if permanent || delivery.attempt >= self.max_deliveries {
             consumer.dead_letter(delivery, &reason).await?;
             self.counters
                 .dead_lettered

@@ -15,6 +15,13 @@
 //! | `traceparent`, `tracestate`, `baggage` | W3C trace context, under the standard names |
 //! | `app.<name>` | application header `<name>` |
 //!
+//! With CloudEvents binary content mode enabled
+//! ([`KafkaProducer::with_cloud_events`](crate::KafkaProducer::with_cloud_events)), records
+//! also carry `ce_id`, `ce_type`, `ce_source`, `ce_specversion`, `ce_time` and, when the
+//! message has a content type, `content-type` (the CloudEvents Kafka binding), with the values
+//! [`outbox_core::cloudevents`] defines. The consumer ignores them: the `outbox.*` headers
+//! still carry every field.
+//!
 //! Application headers live under `app.`, so no application header name can collide with the
 //! transport's own (`traceparent` in [`Message::headers`] is `app.traceparent` on the wire).
 //! Dead-lettered records additionally carry the `outbox.dlq.*` headers (see
@@ -22,7 +29,8 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
+use outbox_core::cloudevents::CloudEvents;
 use outbox_core::{Error, Message, MessageId, MessageType, Result, TraceContext};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 
@@ -48,6 +56,10 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
 /// W3C `baggage`.
 pub const BAGGAGE: &str = "baggage";
+/// Prefix of the CloudEvents attribute headers (`ce_id`, `ce_type`, ...).
+pub const CE_PREFIX: &str = "ce_";
+/// The CloudEvents `datacontenttype` header of the Kafka binding.
+pub const CE_CONTENT_TYPE: &str = "content-type";
 /// Prefix of application headers.
 pub const APP_PREFIX: &str = "app.";
 /// Dead letters: why the message was dead-lettered.
@@ -67,7 +79,7 @@ pub const DLQ_GROUP: &str = "outbox.dlq.group";
 pub(crate) type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
 
 pub(crate) fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+    outbox_core::cloudevents::format_time(t)
 }
 
 fn parse_time(name: &str, v: &str) -> Result<DateTime<Utc>> {
@@ -80,9 +92,10 @@ fn parse_time(name: &str, v: &str) -> Result<DateTime<Utc>> {
         })
 }
 
-/// The headers of `message` as a record carries them.
-pub(crate) fn encode(message: &Message) -> RawHeaders {
-    let mut h: RawHeaders = Vec::with_capacity(8 + message.headers.len());
+/// The headers of `message` as a record carries them; with the CloudEvents attributes when
+/// `cloud_events` is set.
+pub(crate) fn encode(message: &Message, cloud_events: Option<&CloudEvents>) -> RawHeaders {
+    let mut h: RawHeaders = Vec::with_capacity(14 + message.headers.len());
     let mut put = |k: &str, v: &str| h.push((k.to_owned(), Some(v.as_bytes().to_vec())));
     put(ID, &message.id.to_string());
     put(TYPE, message.message_type.as_str());
@@ -107,6 +120,14 @@ pub(crate) fn encode(message: &Message) -> RawHeaders {
     }
     for (k, v) in &message.headers {
         put(&format!("{APP_PREFIX}{k}"), v);
+    }
+    if let Some(ce) = cloud_events {
+        for (name, value) in ce.attributes(message) {
+            put(&format!("{CE_PREFIX}{name}"), &value);
+        }
+        if let Some(ct) = &message.content_type {
+            put(CE_CONTENT_TYPE, ct);
+        }
     }
     h
 }
@@ -244,12 +265,19 @@ mod tests {
             .message_type(MessageType::Other("custom".into()))
             .build()
             .unwrap();
-        let raw = encode(&m);
+        let raw = encode(&m, None);
         let back = decode("t", Some(b""), Some(b"p"), &raw).unwrap();
         assert_eq!(back, m);
         let no_key = Message::builder("t").build().unwrap();
-        let back = decode("t", None, None, &encode(&no_key)).unwrap();
+        let back = decode("t", None, None, &encode(&no_key, None)).unwrap();
         assert_eq!(back, no_key);
+        // CloudEvents headers are extra: the message decodes unchanged.
+        let ce = CloudEvents::new("/test").unwrap();
+        let raw = encode(&m, Some(&ce));
+        assert_eq!(get(&raw, "ce_specversion").unwrap(), Some("1.0"));
+        assert_eq!(get(&raw, "ce_source").unwrap(), Some("/test"));
+        assert_eq!(get(&raw, CE_CONTENT_TYPE).unwrap(), Some(""));
+        assert_eq!(decode("t", Some(b""), Some(b"p"), &raw).unwrap(), m);
     }
 
     #[test]

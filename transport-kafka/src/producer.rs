@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use outbox_core::cloudevents::CloudEvents;
 use outbox_core::{Error, Message, Producer, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -60,6 +61,8 @@ pub struct KafkaProducer {
     max_bytes: usize,
     /// `message.timeout.ms`; `None` for 0 (no limit).
     message_timeout: Option<Duration>,
+    /// CloudEvents binary content mode, when enabled.
+    cloud_events: Option<CloudEvents>,
 }
 
 impl fmt::Debug for KafkaProducer {
@@ -67,6 +70,7 @@ impl fmt::Debug for KafkaProducer {
         f.debug_struct("KafkaProducer")
             .field("config", &self.config)
             .field("message_max_bytes", &self.max_bytes)
+            .field("cloud_events", &self.cloud_events)
             .finish_non_exhaustive()
     }
 }
@@ -113,7 +117,31 @@ impl KafkaProducer {
             config: config.clone(),
             max_bytes,
             message_timeout: (message_timeout > 0).then(|| Duration::from_millis(message_timeout)),
+            cloud_events: None,
         })
+    }
+
+    /// Send every message as a CloudEvent in binary content mode: the `ce_id`, `ce_type`,
+    /// `ce_source`, `ce_specversion`, `ce_time` and `content-type` headers are added (see
+    /// [`headers`](crate::headers) and [`outbox_core::cloudevents`]), so CloudEvents SDKs can
+    /// read the records; [`KafkaConsumer`](crate::KafkaConsumer) still decodes them unchanged.
+    ///
+    /// ```no_run
+    /// # fn main() -> outbox_core::Result<()> {
+    /// use outbox_core::cloudevents::CloudEvents;
+    /// use outbox_kafka::{KafkaConfig, KafkaProducer};
+    /// let producer = KafkaProducer::new(&KafkaConfig::new("localhost:9092"))?
+    ///     .with_cloud_events(CloudEvents::new("/billing")?);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_cloud_events(mut self, cloud_events: CloudEvents) -> Self {
+        self.cloud_events = Some(cloud_events);
+        self
+    }
+
+    /// The CloudEvents settings, when binary content mode is enabled.
+    pub fn cloud_events(&self) -> Option<&CloudEvents> {
+        self.cloud_events.as_ref()
     }
 
     /// Messages handed to librdkafka and not yet delivered or failed (queued or in flight),
@@ -205,12 +233,12 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    pub(crate) fn of(message: &Message) -> Record {
+    pub(crate) fn of(message: &Message, cloud_events: Option<&CloudEvents>) -> Record {
         Record {
             topic: message.topic.clone(),
             key: message.key.as_ref().map(|k| k.as_bytes().to_vec()),
             payload: message.payload.to_vec(),
-            headers: headers::encode(message),
+            headers: headers::encode(message, cloud_events),
         }
     }
 
@@ -311,7 +339,7 @@ impl Producer for KafkaProducer {
     /// `message.max.bytes` (key + value + headers); otherwise [`parse_error`].
     async fn send(&self, message: &Message) -> Result<()> {
         message.validate()?;
-        let record = Record::of(message);
+        let record = Record::of(message, self.cloud_events.as_ref());
         let context = format!("sending message {} to topic {}", message.id, message.topic);
         produce(
             &self.producer,
@@ -348,7 +376,7 @@ impl Producer for KafkaProducer {
                 stopped = Some(e);
                 break;
             }
-            let record = Record::of(message);
+            let record = Record::of(message, self.cloud_events.as_ref());
             let context = format!("sending message {} to topic {}", message.id, message.topic);
             match enqueue(
                 &self.producer,

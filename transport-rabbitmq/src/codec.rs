@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use outbox_core::cloudevents::CloudEvents;
 use outbox_core::{Error, Message, MessageId, MessageType, Result, TraceContext};
 
 /// Header: the message's topic (the routing key may differ when a route is configured).
@@ -42,6 +43,11 @@ pub const HEADER_DELIVERY_COUNT: &str = "x-delivery-count";
 /// W3C trace context header names, carried verbatim.
 pub const TRACE_HEADERS: [&str; 3] = ["traceparent", "tracestate", "baggage"];
 
+/// Prefix of the CloudEvents attribute headers (AMQP application properties) in binary
+/// content mode: `cloudEvents:id`, `cloudEvents:type`, ... (the CloudEvents AMQP binding).
+/// Application headers with this prefix travel escaped, so they cannot be mistaken for them.
+pub const CLOUD_EVENTS_PREFIX: &str = "cloudEvents:";
+
 /// Longest AMQP short string (property values, header names, routing keys), in bytes.
 pub const MAX_SHORT_STRING: usize = 255;
 
@@ -49,11 +55,16 @@ pub const MAX_SHORT_STRING: usize = 255;
 const PERSISTENT: u8 = 2;
 
 /// Whether an application header travels under its own name: not reserved (`x-` is the
-/// prefix RabbitMQ and this crate use for their own headers; the trace names are ours) and
-/// short enough for an AMQP header name.
+/// prefix RabbitMQ and this crate use for their own headers; the trace names and the
+/// CloudEvents prefix are ours) and short enough for an AMQP header name.
 fn is_plain_header(name: &str) -> bool {
+    let has_prefix = |prefix: &str| {
+        name.get(..prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+    };
     name.len() <= MAX_SHORT_STRING
-        && !name.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+        && !has_prefix("x-")
+        && !has_prefix(CLOUD_EVENTS_PREFIX)
         && !TRACE_HEADERS.iter().any(|t| t.eq_ignore_ascii_case(name))
 }
 
@@ -77,13 +88,27 @@ fn insert(table: &mut FieldTable, name: &str, value: AMQPValue) {
     }
 }
 
-/// The AMQP properties (with headers) carrying every field of `message` but the payload.
+/// The AMQP properties (with headers) carrying every field of `message` but the payload;
+/// with the CloudEvents attributes as `cloudEvents:` headers when `cloud_events` is set (the
+/// content type is the AMQP `content-type` property either way).
 ///
 /// # Errors
 /// [`ErrorKind::InvalidInput`](outbox_core::ErrorKind::InvalidInput) for an invalid message.
-pub(crate) fn encode(message: &Message) -> Result<BasicProperties> {
+pub(crate) fn encode(
+    message: &Message,
+    cloud_events: Option<&CloudEvents>,
+) -> Result<BasicProperties> {
     message.validate()?;
     let mut headers = FieldTable::default();
+    if let Some(ce) = cloud_events {
+        for (name, value) in ce.attributes(message) {
+            insert(
+                &mut headers,
+                &format!("{CLOUD_EVENTS_PREFIX}{name}"),
+                long(&value),
+            );
+        }
+    }
     insert(&mut headers, HEADER_TOPIC, long(&message.topic));
     if let Some(key) = &message.key {
         insert(&mut headers, HEADER_KEY, long(key));
@@ -388,6 +413,7 @@ mod tests {
             .header("x-outbox-key", "app value, not ours")
             .header("traceparent", "app header named like the trace header")
             .header("x-death", "not RabbitMQ's")
+            .header("cloudEvents:id", "an application header")
             .header("h".repeat(600), "long name")
             .content_type(long_value.clone())
             .correlation_id("corr")
@@ -399,9 +425,22 @@ mod tests {
             .baggage("k=v")
             .build()
             .unwrap();
-        let props = encode(&m).unwrap();
+        let props = encode(&m, None).unwrap();
         let back = decode(&props, &m.payload, "ignored").unwrap();
         assert_eq!(back, m);
         assert_eq!(attempt(&props), 1);
+        // With CloudEvents attributes: the same message back.
+        let ce = CloudEvents::new("/test").unwrap();
+        let props = encode(&m, Some(&ce)).unwrap();
+        let h = props.headers().as_ref().unwrap().inner();
+        assert_eq!(
+            h.get("cloudEvents:specversion").and_then(text).as_deref(),
+            Some("1.0")
+        );
+        assert_eq!(
+            h.get("cloudEvents:id").and_then(text),
+            Some(m.id.to_string())
+        );
+        assert_eq!(decode(&props, &m.payload, "ignored").unwrap(), m);
     }
 }

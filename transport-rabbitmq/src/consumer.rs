@@ -472,7 +472,7 @@ impl Consumer for RabbitMqConsumer {
         let acker = self.take(delivery, "dead-letter")?;
         let published = async {
             let props = codec::with_dead_letter_headers(
-                codec::encode(&delivery.message)?,
+                codec::encode(&delivery.message, None)?,
                 reason,
                 &self.inner.config.queue,
                 delivery.attempt,

@@ -14,6 +14,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
+use outbox_core::cloudevents::CloudEvents;
 use outbox_core::{Error, Message, Producer, Result};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
@@ -71,6 +72,13 @@ pub struct ProducerConfig {
     /// `PayloadTooLarge` (default [`DEFAULT_MAX_MESSAGE_SIZE`], the broker's default
     /// limit; set it to the broker's `max_message_size`). `None`: let the broker decide.
     pub max_message_size: Option<usize>,
+    /// Send every message as a CloudEvent in binary content mode (`None`, the default: off):
+    /// `cloudEvents:id`, `cloudEvents:type`, `cloudEvents:source`, `cloudEvents:specversion`
+    /// and `cloudEvents:time` headers (AMQP application properties) are added, with the values
+    /// [`outbox_core::cloudevents`] defines; the content type is the AMQP `content-type`
+    /// property as always. [`RabbitMqConsumer`](crate::RabbitMqConsumer) decodes such
+    /// messages unchanged.
+    pub cloud_events: Option<CloudEvents>,
 }
 
 impl ProducerConfig {
@@ -84,6 +92,7 @@ impl ProducerConfig {
             window: DEFAULT_WINDOW,
             confirm_timeout: Duration::from_secs(10),
             max_message_size: Some(DEFAULT_MAX_MESSAGE_SIZE),
+            cloud_events: None,
         }
     }
 
@@ -101,6 +110,13 @@ impl ProducerConfig {
                 routing_key: routing_key.into(),
             },
         );
+        self
+    }
+
+    /// Send messages as CloudEvents in binary content mode with `cloud_events`' source (see
+    /// [`cloud_events`](Self::cloud_events)).
+    pub fn with_cloud_events(mut self, cloud_events: CloudEvents) -> Self {
+        self.cloud_events = Some(cloud_events);
         self
     }
 
@@ -439,7 +455,7 @@ impl RabbitMqProducer {
         let route = self.inner.config.route_for(&message.topic);
         let exchange = short("exchange", &route.exchange)?;
         let routing_key = short("routing key (topic)", &route.routing_key)?;
-        let properties = codec::encode(message)?;
+        let properties = codec::encode(message, self.inner.config.cloud_events.as_ref())?;
         if let Some(limit) = self.inner.config.max_message_size
             && message.payload.len() > limit
         {

@@ -52,9 +52,21 @@ impl Leases {
     }
 }
 
+/// The lock resource of `shard`'s lease for relays with `lock_prefix`
+/// ([`RelayConfig::lock_prefix`](crate::RelayConfig::lock_prefix)): `{lock_prefix}/shard/{shard}`.
+/// Tools that inspect leases (`outbox status`) use it to find them.
+pub fn shard_lease_name(lock_prefix: &str, shard: u32) -> String {
+    format!("{lock_prefix}/shard/{shard}")
+}
+
 impl Inner {
     pub(super) fn shard_resource(&self, shard: u32) -> String {
-        format!("{}/shard/{shard}", self.config.lock_prefix)
+        shard_lease_name(&self.config.lock_prefix, shard)
+    }
+
+    /// The held-leases gauge, set whenever the set of held shard leases changes.
+    fn set_leases_held(&self, leases: &Leases) {
+        self.gauge(names::LEASES_HELD, leases.shards.len() as f64);
     }
 
     fn member_resource(&self, slot: u32) -> String {
@@ -115,6 +127,7 @@ impl Inner {
                 }
             }
         }
+        self.set_leases_held(leases);
         if renew_failed {
             // Try again soon rather than a whole renew interval later.
             leases.next_maintenance = Some(add_duration(now, self.config.renew_every() / 4));
@@ -233,6 +246,7 @@ impl Inner {
                 self.release_quietly(&l).await;
             }
         }
+        self.set_leases_held(leases);
     }
 
     /// Release draining shards whose work in flight finished.
@@ -249,6 +263,7 @@ impl Inner {
                 self.release_quietly(&l).await;
             }
         }
+        self.set_leases_held(leases);
     }
 
     /// Acquire the free ones of `shards` (unknown shard numbers are ignored).
@@ -280,6 +295,7 @@ impl Inner {
             tracing::debug!(shard, token = l.token, "relay: shard lease acquired");
             self.count(names::LEASES_ACQUIRED, 1);
             leases.shards.insert(shard, l);
+            self.set_leases_held(leases);
         }
         Ok(())
     }
@@ -313,6 +329,7 @@ impl Inner {
             self.release_quietly(&lease).await;
         }
         leases.draining.clear();
+        self.set_leases_held(leases);
         for lease in [leases.member.take(), leases.guard.take()]
             .into_iter()
             .flatten()

@@ -116,6 +116,7 @@ use crate::transport::Producer;
 use crate::tx::Committed;
 
 pub use config::{OutageBackoff, RelayConfig, RetryPolicy};
+pub use leases::shard_lease_name;
 
 use breaker::Breaker;
 use leases::Leases;
