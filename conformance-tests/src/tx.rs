@@ -150,12 +150,13 @@ pub async fn add_order_is_sequence_order<S: TransactionalStore>(f: &Fixture<S>) 
 }
 
 /// Per-key order is commit order (contract item 7): transaction A begins and stages a message
-/// of a key, then transaction B begins, stages a message of the same key and commits, then A
-/// commits. Where the backend lets B go first, the commits happen in the order B, A; where B's
-/// writes wait for A (SQLite's write lock, PostgreSQL's per-key lock) they happen A, B. Either
-/// way a fetch returns the key's messages in the order the commits happened. Run twice, with
-/// A's id sorting first and then last, so one run always has ids that sort against commit
-/// order: only the store's commit sequence explains the result.
+/// of a key, then transaction B begins and stages a message of the same key. Whichever of the
+/// two is ready to commit first commits first, and the other commits only after it returned:
+/// B when the backend lets its writes through while A is open (then the commits happen B, A),
+/// A when B's writes wait for A (SQLite's write lock, PostgreSQL's per-key lock: A, B). Either
+/// way a fetch returns the key's messages in commit order. Run twice, with A's id sorting first
+/// and then last, so one run always has ids that sort against commit order: only the store's
+/// commit sequence explains the result.
 pub async fn commit_order_is_fetch_order<S: TransactionalStore>(f: &Fixture<S>) {
     if no_transactions(f, "tx_commit_order_is_fetch_order") {
         return;
@@ -166,32 +167,49 @@ pub async fn commit_order_is_fetch_order<S: TransactionalStore>(f: &Fixture<S>) 
         let (a_id, b_id) = if a_sorts_first { (lo, hi) } else { (hi, lo) };
         let a = crate::support::build(Message::builder("tx").key(&key).id(a_id));
         let b = crate::support::build(Message::builder("tx").key(&key).id(b_id));
-        let order = std::sync::Mutex::new(Vec::new());
+        // Who commits first: decided once, by whichever transaction claims it first.
+        let first: std::sync::Mutex<Option<MessageId>> = std::sync::Mutex::new(None);
+        let claim = |id: MessageId| -> bool {
+            let mut first = first.lock().unwrap_or_else(|p| p.into_inner());
+            *first.get_or_insert(id) == id
+        };
         let (staged_tx, staged_rx) = tokio::sync::oneshot::channel::<()>();
-        let b_committed = tokio::sync::Notify::new();
-        let first = async {
+        let (b_claimed, a_done, b_done) = (
+            tokio::sync::Notify::new(),
+            tokio::sync::Notify::new(),
+            tokio::sync::Notify::new(),
+        );
+        let first_tx = async {
             let mut tx = ok(f.tx_store.begin().await, "begin A");
             ok(tx.add(&a).await, "A: add");
             let _ = staged_tx.send(());
-            // B commits meanwhile unless the backend makes it wait for A.
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_millis(300),
-                b_committed.notified(),
-            )
-            .await;
+            // Give B the time to claim the first commit, unless its writes wait for A.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(300), b_claimed.notified())
+                    .await;
+            if !claim(a.id) {
+                b_done.notified().await;
+            }
             ok(tx.commit().await, "commit A");
-            order.lock().unwrap_or_else(|p| p.into_inner()).push(a.id);
+            a_done.notify_one();
         };
-        let second = async {
+        let second_tx = async {
             staged_rx.await.expect("A staged");
             let mut tx = ok(f.tx_store.begin().await, "begin B");
             ok(tx.add(&b).await, "B: add");
+            if claim(b.id) {
+                b_claimed.notify_one();
+            } else {
+                a_done.notified().await;
+            }
             ok(tx.commit().await, "commit B");
-            order.lock().unwrap_or_else(|p| p.into_inner()).push(b.id);
-            b_committed.notify_one();
+            b_done.notify_one();
         };
-        tokio::join!(first, second);
-        let committed = order.into_inner().unwrap_or_else(|p| p.into_inner());
+        tokio::join!(first_tx, second_tx);
+        let committed = match *first.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(id) if id == b.id => vec![b.id, a.id],
+            _ => vec![a.id, b.id],
+        };
         let fetched: Vec<MessageId> = fetch(&*f.outbox, Ordering::PerKey, BIG)
             .await
             .iter()

@@ -29,7 +29,7 @@ pub use message::{
 };
 pub use processor::{
     DEFAULT_CONCURRENCY, DEFAULT_MAX_DELIVERIES, HandlerError, InboxProcessor, MessageHandler,
-    ProcessOutcome, ProcessorStats,
+    ProcessOutcome, ProcessorHealth, ProcessorStats,
 };
 pub use relay::{
     OutageBackoff, Relay, RelayConfig, RelayHandle, RelayHealth, RetryPolicy, RunReport,

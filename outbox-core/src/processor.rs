@@ -23,9 +23,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use tokio_util::sync::CancellationToken;
@@ -121,12 +123,61 @@ pub struct ProcessorStats {
     pub dead_lettered: u64,
 }
 
+/// What a health endpoint needs to know about an [`InboxProcessor`]
+/// ([`InboxProcessor::health`]); the counterpart of the relay's `RelayHealth`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessorHealth {
+    /// The handler key its inbox entries are recorded under.
+    pub handler_key: String,
+    /// Deliveries being processed right now.
+    pub in_progress: usize,
+    /// When a delivery was last acknowledged as handled or as a duplicate (wall clock).
+    pub last_handled_at: Option<DateTime<Utc>>,
+    /// When a delivery last failed (handler, inbox or commit error; wall clock).
+    pub last_failure_at: Option<DateTime<Utc>>,
+    /// Why it failed.
+    pub last_failure: Option<String>,
+    /// Totals since the processor was created.
+    pub totals: ProcessorStats,
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     handled: AtomicU64,
     duplicates: AtomicU64,
     retried: AtomicU64,
     dead_lettered: AtomicU64,
+    in_progress: AtomicUsize,
+    last: Mutex<Last>,
+}
+
+/// When a delivery was last handled, and when and why one last failed.
+#[derive(Debug, Default, Clone)]
+struct Last {
+    handled: Option<DateTime<Utc>>,
+    failure: Option<(DateTime<Utc>, String)>,
+}
+
+impl Counters {
+    fn last(&self) -> std::sync::MutexGuard<'_, Last> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Counts a delivery as in progress while it lives (also when its future is dropped).
+struct InProgress<'a>(&'a AtomicUsize);
+
+impl<'a> InProgress<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, AtomicOrdering::Relaxed);
+        InProgress(n)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, AtomicOrdering::Relaxed);
+    }
 }
 
 /// Runs a [`MessageHandler`] behind the inbox of a [`TransactionalStore`].
@@ -209,6 +260,24 @@ where
         }
     }
 
+    /// Its health: deliveries in progress, when it last handled one and last failed, and its
+    /// totals.
+    pub fn health(&self) -> ProcessorHealth {
+        let Last {
+            handled: last_handled_at,
+            failure,
+        } = self.counters.last().clone();
+        let (last_failure_at, last_failure) = failure.unzip();
+        ProcessorHealth {
+            handler_key: self.handler_key.clone(),
+            in_progress: self.counters.in_progress.load(AtomicOrdering::Relaxed),
+            last_handled_at,
+            last_failure_at,
+            last_failure,
+            totals: self.stats(),
+        }
+    }
+
     /// Process one delivery: inbox insert + handler in one transaction, commit, then ack.
     ///
     /// # Errors
@@ -226,6 +295,7 @@ where
             handler = %self.handler_key);
         // With the `opentelemetry` feature: a child of the context the message carries.
         crate::otel::set_parent(&span, &m.trace);
+        let _counted = InProgress::new(&self.counters.in_progress);
         self.process_inner(consumer, delivery)
             .instrument(span)
             .await
@@ -269,6 +339,7 @@ where
                     // failed ack means a redelivery, which the inbox turns into a duplicate.
                     self.counters.handled.fetch_add(1, AtomicOrdering::Relaxed);
                     self.count(names::INBOX_HANDLED);
+                    self.counters.last().handled = Some(Utc::now());
                     consumer.ack(delivery).await?;
                     Ok(ProcessOutcome::Handled)
                 }
@@ -389,6 +460,7 @@ where
         self.counters
             .duplicates
             .fetch_add(1, AtomicOrdering::Relaxed);
+        self.counters.last().handled = Some(Utc::now());
         self.count(names::INBOX_DUPLICATES);
         Ok(ProcessOutcome::Duplicate)
     }
@@ -404,6 +476,7 @@ where
         permanent: bool,
         store_error: Option<Error>,
     ) -> Result<ProcessOutcome> {
+        self.counters.last().failure = Some((Utc::now(), reason.clone()));
         if permanent || delivery.attempt >= self.max_deliveries {
             consumer.dead_letter(delivery, &reason).await?;
             self.counters

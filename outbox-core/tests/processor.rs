@@ -83,8 +83,18 @@ async fn each_message_handled_once_and_duplicates_acked_without_effect() {
     let consumer = broker.subscribe(consumer_name(), &[TOPIC]);
     let handler = Billing::default();
     let p = InboxProcessor::new(Arc::new(store.clone()), "billing", handler).expect("processor");
+    let fresh = p.health();
+    assert_eq!(
+        (
+            fresh.in_progress,
+            fresh.last_handled_at,
+            fresh.last_failure_at
+        ),
+        (0, None, None)
+    );
     let sent = publish(&broker, 10).await;
 
+    let before = chrono::Utc::now();
     drain(&p, &consumer, &broker).await;
     for m in &sent[..3] {
         broker.redeliver(consumer_name(), m.id).unwrap();
@@ -94,6 +104,12 @@ async fn each_message_handled_once_and_duplicates_acked_without_effect() {
     assert_eq!(outcomes, vec![ProcessOutcome::Duplicate; 3]);
     let stats = p.stats();
     assert_eq!((stats.handled, stats.duplicates), (10, 3));
+    let health = p.health();
+    assert_eq!(health.handler_key, "billing");
+    assert_eq!(health.totals, stats);
+    assert_eq!(health.in_progress, 0, "nothing left in progress");
+    assert!(health.last_handled_at.is_some_and(|t| t >= before));
+    assert_eq!((health.last_failure_at, health.last_failure), (None, None));
     assert_eq!(store.record_count(), 10);
     assert_eq!(broker.unacked(consumer_name()), 0, "every delivery acked");
     for m in &sent {
@@ -149,6 +165,15 @@ async fn handler_failure_redelivers_then_dead_letters_with_nothing_written() {
     assert_eq!(
         (stats.handled, stats.retried, stats.dead_lettered),
         (1, 3, 1)
+    );
+    let health = p.health();
+    assert!(health.last_failure_at.is_some());
+    assert!(
+        health
+            .last_failure
+            .as_deref()
+            .is_some_and(|r| r.contains("card declined")),
+        "{health:?}"
     );
 }
 
