@@ -178,6 +178,7 @@ macro_rules! __relay_cases {
             relay_stale_fetch_publishes_once => $crate::relay::stale_fetch_publishes_once,
             relay_killed_at_any_point_loses_nothing => $crate::relay::killed_at_any_point_loses_nothing,
             relay_backlog_drains_at_in_flight_cap => $crate::relay::backlog_drains_at_in_flight_cap,
+            relay_failing_head_holds_back_its_key_when_pipelined => $crate::relay::failing_head_holds_back_its_key_when_pipelined,
         }
     };
 }

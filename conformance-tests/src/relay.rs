@@ -31,6 +31,8 @@ pub struct FaultyProducer {
     in_flight: Mutex<HashSet<MessageId>>,
     overlaps: AtomicUsize,
     delay: Mutex<Duration>,
+    pipelined: AtomicBool,
+    sent: Mutex<Vec<MessageId>>,
 }
 
 impl FaultyProducer {
@@ -47,7 +49,21 @@ impl FaultyProducer {
             in_flight: Mutex::new(HashSet::new()),
             overlaps: AtomicUsize::new(0),
             delay: Mutex::new(Duration::ZERO),
+            pipelined: AtomicBool::new(false),
+            sent: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Every message the broker accepted, in the order it accepted them (all topics).
+    pub fn accepted(&self) -> Vec<MessageId> {
+        self.sent.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// While `true`, `send_ordered` behaves like a pipelining transport (RabbitMQ with many
+    /// unconfirmed publishes): every message of the slice reaches the broker even when an
+    /// earlier one fails; the results still stop at the first failure.
+    pub fn set_pipelined(&self, pipelined: bool) {
+        self.pipelined.store(pipelined, AtomicOrdering::SeqCst);
     }
 
     /// While paused, sends wait (in flight, unconfirmed) until [`resume`](Self::resume).
@@ -118,6 +134,23 @@ impl Producer for FaultyProducer {
             .remove(&message.id);
         result
     }
+
+    async fn send_ordered(&self, messages: &[Message]) -> Vec<Result<()>> {
+        let pipelined = self.pipelined.load(AtomicOrdering::SeqCst);
+        let mut out = Vec::with_capacity(messages.len());
+        let mut failed = false;
+        for m in messages {
+            if failed && !pipelined {
+                break;
+            }
+            let r = self.send(m).await; // pipelined: on the wire whatever came before
+            if !failed {
+                failed = r.is_err();
+                out.push(r);
+            }
+        }
+        out
+    }
 }
 
 impl FaultyProducer {
@@ -153,6 +186,10 @@ impl FaultyProducer {
             std::future::pending::<()>().await;
         }
         self.inner.send(message).await?;
+        self.sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(message.id);
         self.confirmed.fetch_add(1, AtomicOrdering::SeqCst);
         Ok(())
     }
@@ -935,6 +972,52 @@ pub async fn backlog_drains_at_in_flight_cap<S: TransactionalStore>(f: &Fixture<
         order_by_key(&broker.published(TOPIC)),
         order_by_key(&added),
         "per-key order"
+    );
+}
+
+/// Relay item 7 on a pipelining transport: a key's head fails for a reason of its own topic
+/// (no route for it) while the later messages of the key go to another topic. The later
+/// messages are not published before the head: they wait for its confirm, through its
+/// retries, so first receipts keep per-key order.
+pub async fn failing_head_holds_back_its_key_when_pipelined<S: TransactionalStore>(f: &Fixture<S>) {
+    const OTHER: &str = "relay.cases.other";
+    let broker = MemoryBroker::new();
+    let producer = Arc::new(FaultyProducer::new(&broker));
+    producer.set_pipelined(true);
+    let head = crate::support::build(Message::builder(OTHER).key("k"));
+    f.outbox.add(&head).await.expect("add head");
+    let mut later = Vec::new();
+    for i in 0..3 {
+        let m = crate::support::build(
+            Message::builder(TOPIC)
+                .key("k")
+                .payload(format!("later-{i}").into_bytes()),
+        );
+        f.outbox.add(&m).await.expect("add");
+        later.push(m);
+    }
+    producer.fail(head.id, 2, true);
+    let r = relay(f, producer.clone(), config("pipelined"));
+    for _ in 0..3 {
+        r.tick().await.expect("tick");
+        // Past the retry backoff of the head (1 s, then 2 s).
+        f.clock.advance(Duration::from_secs(5));
+    }
+    drain(&r).await;
+    let mut receipts: Vec<MessageId> = broker.published(OTHER).iter().map(|m| m.id).collect();
+    assert_eq!(receipts, vec![head.id], "the head, once");
+    receipts = broker.published(TOPIC).iter().map(|m| m.id).collect();
+    assert_eq!(
+        receipts,
+        later.iter().map(|m| m.id).collect::<Vec<_>>(),
+        "the later messages, once each, in order"
+    );
+    let accepted = producer.accepted();
+    let head_at = accepted.iter().position(|id| *id == head.id);
+    let first_later = accepted.iter().position(|id| *id == later[0].id);
+    assert!(
+        head_at < first_later && head_at.is_some(),
+        "a later message of the key reached the broker before its failing head"
     );
 }
 

@@ -886,6 +886,10 @@ async fn relay_cases_catch_relay_flaws() {
         relay::stale_holder_publishes_nothing
     );
     relay_catches!(
+        RelayFlaw::PipelineWholeChain,
+        relay::failing_head_holds_back_its_key_when_pipelined
+    );
+    relay_catches!(
         RelayFlaw::MarkBeforeConfirm,
         relay::broker_down_then_recovers,
         relay::killed_at_any_point_loses_nothing,

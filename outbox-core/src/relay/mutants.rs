@@ -19,6 +19,8 @@ pub enum RelayFlaw {
     MarkBeforeConfirm = 3,
     /// Admit a fetched message that a chain finished after the fetch started.
     AdmitStaleReads = 4,
+    /// Pipeline a whole chain in one run, whatever its topics and its head's past failures.
+    PipelineWholeChain = 5,
 }
 
 static PLANTED: AtomicU8 = AtomicU8::new(0);

@@ -2,9 +2,10 @@
 //! marks, and how a failure is recorded.
 //!
 //! A *chain* is the due messages of one key in store order (or a single message without a key,
-//! or under [`Ordering::Unordered`]). It goes to the transport in one
-//! [`Producer::send_ordered`](crate::Producer::send_ordered) call, bounded by
-//! `publish_timeout`; its confirmed prefix is marked dispatched through the shared
+//! or under [`Ordering::Unordered`]). It goes to the transport in
+//! [`Producer::send_ordered`](crate::Producer::send_ordered) calls, one per *run* (see `send_runs`), each started only after the previous run was
+//! confirmed, all of them bounded by `publish_timeout`; its confirmed prefix is marked
+//! dispatched through the shared
 //! [`Marker`], which groups the marks of every chain confirmed meanwhile into one store call.
 //! The chain (its ids and its key) stays *in flight* until its marks and its failure record
 //! are written, so no later fetch can hand the same message or the same key to a second chain.
@@ -25,6 +26,34 @@ use super::Inner;
 
 /// One key's due messages (store order), or one message.
 pub(super) type Chain = Vec<StoredMessage>;
+
+/// How a chain is cut into runs that are pipelined (a run goes to the transport in one
+/// [`Producer::send_ordered`](crate::Producer::send_ordered) call; the next run starts once
+/// it was confirmed).
+///
+/// A pipelining transport has the later messages of a run on the wire before the broker
+/// answers for the first, so a failure of the first that the later ones do not share
+/// reorders the key: they are delivered, and the failed one arrives after them when it is
+/// retried. Failures that are specific to one message mostly come from its topic (no route
+/// for it, an unknown or forbidden topic), so a run never spans two topics. And a head that
+/// failed before goes alone until it is confirmed, so a message that keeps failing for a
+/// reason of its own does not let the rest of its key through at every attempt.
+pub(super) fn send_runs(chain: &[StoredMessage]) -> Vec<std::ops::Range<usize>> {
+    if super::flawed!(PipelineWholeChain) && !chain.is_empty() {
+        return vec![0..chain.len()];
+    }
+    let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+    for (i, m) in chain.iter().enumerate() {
+        let extends = i > 0
+            && !(i == 1 && chain[0].attempts > 0)
+            && chain[i - 1].message.topic == m.message.topic;
+        match runs.last_mut() {
+            Some(run) if extends => run.end = i + 1,
+            _ => runs.push(i..i + 1),
+        }
+    }
+    runs
+}
 
 /// A finished chain: what to take out of the in-flight set.
 #[derive(Debug)]
@@ -264,31 +293,38 @@ impl Inner {
         if super::flawed!(MarkBeforeConfirm) {
             let _ = self.store.mark_dispatched(&done.ids).await;
         }
-        let sent = tokio::time::timeout(timeout, self.producer.send_ordered(&messages))
-            .instrument(span.clone())
-            .await;
-        let (confirmed, failure) = match sent {
-            Err(_) => (
-                0,
-                Some(Error::unavailable(format!(
-                    "broker did not confirm within publish_timeout ({timeout:?})"
-                ))),
-            ),
-            Ok(results) => {
-                let mut n = 0;
-                let mut failure = None;
-                for r in results.into_iter().take(messages.len()) {
-                    match r {
-                        Ok(()) => n += 1,
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
+        // Results in chain order, up to the first failure; runs confirmed before a timeout
+        // keep theirs.
+        let mut results: Vec<Result<()>> = Vec::with_capacity(messages.len());
+        let sent = tokio::time::timeout(timeout, async {
+            for run in send_runs(&chain) {
+                let want = run.len();
+                let part = self.producer.send_ordered(&messages[run]).await;
+                let whole = part.len() >= want && part.iter().take(want).all(Result::is_ok);
+                results.extend(part.into_iter().take(want));
+                if !whole {
+                    break;
                 }
-                (n, failure)
             }
-        };
+        })
+        .instrument(span.clone())
+        .await;
+        let mut confirmed = 0;
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(()) => confirmed += 1,
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if sent.is_err() && failure.is_none() {
+            failure = Some(Error::unavailable(format!(
+                "broker did not confirm within publish_timeout ({timeout:?})"
+            )));
+        }
         if confirmed > 0 {
             self.breaker.success();
             self.mark_confirmed(&chain[..confirmed])
@@ -402,5 +438,44 @@ impl Inner {
     /// Add `n` to the counter `name` of this instance.
     pub(super) fn count(&self, name: &'static str, n: u64) {
         metrics::counter!(name, "instance" => self.config.instance_id.clone()).increment(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(topic: &str, attempts: u32, sequence: u64) -> StoredMessage {
+        let message = Message::builder(topic).key("k").build().expect("valid");
+        StoredMessage {
+            message,
+            status: crate::MessageStatus::Pending,
+            attempts,
+            next_attempt_at: None,
+            last_error: None,
+            dispatched_at: None,
+            shard: 0,
+            sequence,
+        }
+    }
+
+    #[test]
+    fn runs_never_span_two_topics() {
+        let chain: Vec<StoredMessage> = ["a", "a", "b", "b", "b", "a"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| stored(t, 0, i as u64))
+            .collect();
+        assert_eq!(send_runs(&chain), vec![0..2, 2..5, 5..6]);
+        assert_eq!(send_runs(&chain[..1]), vec![0..1]);
+        assert!(send_runs(&[]).is_empty());
+    }
+
+    #[test]
+    fn a_head_that_failed_before_goes_alone() {
+        let chain = vec![stored("a", 2, 1), stored("a", 0, 2), stored("a", 0, 3)];
+        assert_eq!(send_runs(&chain), vec![0..1, 1..3]);
+        let fresh = vec![stored("a", 0, 1), stored("a", 0, 2)];
+        assert_eq!(send_runs(&fresh), vec![0..2]);
     }
 }
