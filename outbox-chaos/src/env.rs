@@ -62,7 +62,7 @@ impl Pair {
                 ("--lease-ttl", "6s"),
                 ("--publish-timeout", "2s"),
                 ("--clock-skew-margin", "500ms"),
-                ("--poll-interval", "300ms"),
+                ("--poll-interval", "1s"),
             ],
             _ => [
                 ("--lease-ttl", "3s"),

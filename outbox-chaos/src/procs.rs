@@ -256,3 +256,74 @@ impl Drop for Relays {
         }
     }
 }
+
+/// A private moto server of this run (the shared one is used by others' tests and may be
+/// loaded or bloated; faults and relay load here must not slow them down, nor they us).
+#[derive(Debug)]
+pub struct Moto {
+    child: Child,
+    /// Its endpoint, `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+}
+
+impl Moto {
+    /// Start `moto_server` on a free port: the one of `OUTBOX_CHAOS_MOTO_SERVER`, else the
+    /// one `scripts/services.sh` installed. `None` when there is none.
+    pub async fn start(logs: &Path) -> Result<Option<Moto>> {
+        let bin = match std::env::var_os("OUTBOX_CHAOS_MOTO_SERVER") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let base = std::env::var_os("OUTBOX_SERVICES_DIR")
+                    .map(PathBuf::from)
+                    .or_else(|| {
+                        std::env::var_os("HOME")
+                            .map(|h| PathBuf::from(h).join(".cache/outbox-services"))
+                    })
+                    .unwrap_or_default();
+                base.join("venv/bin/moto_server")
+            }
+        };
+        if !bin.is_file() {
+            return Ok(None);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Error::unexpected("finding a free port").with_source(e))?
+            .port();
+        let log = logs.join("moto.log");
+        let file = File::create(&log)
+            .map_err(|e| Error::unexpected("creating the moto log").with_source(e))?;
+        let child = Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .map_err(|e| Error::unexpected(format!("starting {}", bin.display())).with_source(e))?;
+        let mut moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = moto.child.try_wait() {
+                return Err(Error::unavailable(format!(
+                    "moto exited ({status}): {}",
+                    tail(&log, 10)
+                )));
+            }
+            if Instant::now() > end {
+                return Err(Error::unavailable("moto did not listen within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(Some(moto))
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
