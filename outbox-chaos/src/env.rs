@@ -247,6 +247,10 @@ impl Broker {
                 topology,
             } => delete_topology(connection, topology).await,
             Broker::Kafka { config, topics } => {
+                // A consumer of a scenario that failed may still be closing (its Recorder was
+                // dropped, which only cancels it): librdkafka has crashed (SIGSEGV in its
+                // metadata cache) when a subscribed topic was deleted under it.
+                tokio::time::sleep(Duration::from_secs(2)).await;
                 use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions};
                 use outbox_kafka::rdkafka::client::DefaultClientContext;
                 let admin: AdminClient<DefaultClientContext> =
@@ -537,6 +541,13 @@ pub struct Recorder {
     task: tokio::task::JoinHandle<Result<()>>,
 }
 
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        // A scenario that failed early drops its recorder: stop consuming.
+        self.stop.cancel();
+    }
+}
+
 impl Recorder {
     /// Start consuming with `consumer`.
     pub fn start(consumer: Box<dyn Consumer>) -> Recorder {
@@ -595,9 +606,9 @@ impl Recorder {
     }
 
     /// Stop and return every receipt.
-    pub async fn finish(self) -> Result<Vec<Timed>> {
+    pub async fn finish(mut self) -> Result<Vec<Timed>> {
         self.stop.cancel();
-        self.task
+        (&mut self.task)
             .await
             .map_err(|e| Error::unexpected("consumer task failed").with_source(e))??;
         let mut g = self

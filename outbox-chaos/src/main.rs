@@ -83,7 +83,7 @@ fn main() -> ExitCode {
     };
     let (scenarios, args) = match cli.command {
         Cmd::InboxWorker(args) => {
-            return match runtime.block_on(worker::worker(args)) {
+            return match runtime.block_on(Box::pin(worker::worker(args))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -98,7 +98,9 @@ fn main() -> ExitCode {
         Cmd::ConsumerCrash(a) => (vec![Scenario::ConsumerCrash], a),
         Cmd::Poison(a) => (vec![Scenario::Poison], a),
     };
-    match runtime.block_on(run(scenarios, args)) {
+    // Boxed: in debug builds the AWS SDK's futures are large, and a future nested this deep
+    // would not fit on the main thread's stack.
+    match runtime.block_on(Box::pin(run(scenarios, args))) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
