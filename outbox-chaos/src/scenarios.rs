@@ -576,8 +576,12 @@ async fn poison(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<()> {
     );
     relays.spawn()?;
     let sent = write(env.store.clone(), p, ctx.seed).await?;
-    // Held back: the poisoned message and every later one of its key.
-    let held = poisoned.len() * (per_key - at) as usize;
+    // Held back: the poisoned message and every later one of its key (the writers spread
+    // messages over their keys round robin, so a key may have more or fewer than `per_key`).
+    let held = sent
+        .iter()
+        .filter(|m| poisoned.iter().any(|k| m.key == format!("k{k}")) && m.seq >= at)
+        .count();
     let end = Instant::now() + Duration::from_secs(60);
     let started = Instant::now();
     loop {
