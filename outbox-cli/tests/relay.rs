@@ -415,7 +415,8 @@ async fn relay_publishes_from_dynamodb_and_releases_its_leases() {
         &["--poll-interval", "50ms"],
     );
     let mut relay = RelayProcess::start(&args);
-    wait_drained(&store, &relay, Duration::from_secs(30)).await;
+    // moto answers slowly on a loaded machine: 20 messages within 90 s.
+    wait_drained(&store, &relay, Duration::from_secs(90)).await;
     assert_eq!(relay.terminate().await, Some(0), "{}", relay.stderr());
     assert_leases_released(&store, &store.lock()).await;
     store.delete_tables().await.unwrap();
@@ -475,7 +476,8 @@ async fn relay_wakes_on_the_dynamodb_stream() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let batch = messages(&topic, 20);
     store.add_batch(&batch).await.unwrap();
-    wait_drained(&store, &relay, Duration::from_secs(15)).await;
+    // Well before the 60 s poll, also when moto answers slowly.
+    wait_drained(&store, &relay, Duration::from_secs(45)).await;
     for m in &batch {
         let stored = store.get(m.id).await.unwrap().unwrap();
         assert!(stored.dispatched_at.is_some(), "{} not dispatched", m.id);
