@@ -40,7 +40,7 @@ pub(super) type Chain = Vec<StoredMessage>;
 /// reason of its own does not let the rest of its key through at every attempt.
 pub(super) fn send_runs(chain: &[StoredMessage]) -> Vec<std::ops::Range<usize>> {
     if super::flawed!(PipelineWholeChain) && !chain.is_empty() {
-        return vec![0..chain.len()];
+        return std::iter::once(0..chain.len()).collect();
     }
     let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
     for (i, m) in chain.iter().enumerate() {
@@ -459,6 +459,10 @@ mod tests {
         }
     }
 
+    fn one(run: std::ops::Range<usize>) -> Vec<std::ops::Range<usize>> {
+        std::iter::once(run).collect()
+    }
+
     #[test]
     fn runs_never_span_two_topics() {
         let chain: Vec<StoredMessage> = ["a", "a", "b", "b", "b", "a"]
@@ -467,7 +471,7 @@ mod tests {
             .map(|(i, t)| stored(t, 0, i as u64))
             .collect();
         assert_eq!(send_runs(&chain), vec![0..2, 2..5, 5..6]);
-        assert_eq!(send_runs(&chain[..1]), vec![0..1]);
+        assert_eq!(send_runs(&chain[..1]), one(0..1));
         assert!(send_runs(&[]).is_empty());
     }
 
@@ -476,6 +480,6 @@ mod tests {
         let chain = vec![stored("a", 2, 1), stored("a", 0, 2), stored("a", 0, 3)];
         assert_eq!(send_runs(&chain), vec![0..1, 1..3]);
         let fresh = vec![stored("a", 0, 1), stored("a", 0, 2)];
-        assert_eq!(send_runs(&fresh), vec![0..2]);
+        assert_eq!(send_runs(&fresh), one(0..2));
     }
 }
