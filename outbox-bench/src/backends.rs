@@ -7,6 +7,7 @@ use futures::StreamExt;
 use outbox_core::{DistributedLock, Error, Message, OutboxStore, Result};
 use outbox_dynamodb::aws_sdk_dynamodb::types::AttributeValue;
 use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, local_client};
+use outbox_harness::Moto;
 use outbox_postgres::PgStore;
 use outbox_postgres::sqlx::{self, AssertSqlSafe, Row};
 use outbox_sqlite::{SqliteConfig, SqliteStore};
@@ -220,33 +221,69 @@ impl Backend for PgBackend {
 
 // ---- DynamoDB -------------------------------------------------------------------------
 
-/// DynamoDB (moto) tables of this run.
+/// DynamoDB tables of this run on a private moto server, restarted for every pass.
+///
+/// moto's `TransactWriteItems` deep-copies the whole table, stream records included, so on a
+/// server that keeps its history every request gets slower and the server's memory grows
+/// without bound (`outbox_harness::Moto`). A fresh server per pass makes every pass start
+/// from the same empty tables. Without a `moto_server` to start, the shared endpoint is used
+/// and the tables are kept across passes.
 pub struct DynamoBackend {
-    /// The store.
-    pub store: DynamoDbStore,
+    prefix: String,
+    shared: String,
+    logs: tempfile::TempDir,
+    inner: std::sync::Mutex<(Option<Moto>, DynamoDbStore)>,
 }
 
 impl DynamoBackend {
-    /// Fresh tables with `config`'s settings under a prefix of this run.
+    /// Fresh tables with the default settings under a prefix of this run.
     pub async fn new(ctx: &mut Ctx) -> Result<Self> {
         let prefix = format!("{}_", ctx.name("ddb"));
-        let store = DynamoDbStore::new(
-            local_client(&ctx.services.dynamodb),
-            DynamoDbConfig::new(prefix),
-        )?;
-        store.create_tables().await?;
-        Ok(DynamoBackend { store })
+        let logs = tempfile::tempdir()
+            .map_err(|e| Error::unexpected("creating a temporary directory").with_source(e))?;
+        let (moto, store) = dynamo_tables(&ctx.services.dynamodb, logs.path(), &prefix).await?;
+        Ok(DynamoBackend {
+            prefix,
+            shared: ctx.services.dynamodb.clone(),
+            logs,
+            inner: std::sync::Mutex::new((moto, store)),
+        })
     }
+
+    /// The store of the current pass.
+    pub fn dynamo(&self) -> DynamoDbStore {
+        self.lock_inner().1.clone()
+    }
+
+    fn lock_inner(&self) -> std::sync::MutexGuard<'_, (Option<Moto>, DynamoDbStore)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Start a private moto server (falling back to `shared` when none is installed) and create
+/// the library's tables under `prefix` on it.
+pub async fn dynamo_tables(
+    shared: &str,
+    logs: &std::path::Path,
+    prefix: &str,
+) -> Result<(Option<Moto>, DynamoDbStore)> {
+    let moto = Moto::start(&logs.join("moto.log")).await?;
+    let endpoint = moto.as_ref().map_or(shared, |m| m.endpoint.as_str());
+    let store = DynamoDbStore::new(local_client(endpoint), DynamoDbConfig::new(prefix))?;
+    store.create_tables().await?;
+    Ok((moto, store))
 }
 
 #[async_trait]
 impl Backend for DynamoBackend {
     fn store(&self) -> Arc<dyn OutboxStore> {
-        Arc::new(self.store.clone())
+        Arc::new(self.dynamo())
     }
 
     fn lock(&self) -> Arc<dyn DistributedLock> {
-        Arc::new(self.store.lock())
+        Arc::new(self.dynamo().lock())
     }
 
     fn fill_batch(&self) -> usize {
@@ -257,10 +294,11 @@ impl Backend for DynamoBackend {
     /// (`pk = q#<shard>`) for pending items, then an UpdateItem per item setting it
     /// dispatched, 16 in flight.
     async fn raw_drain(&self) -> Result<usize> {
-        let client = self.store.client();
-        let (table, _, _) = self.store.table_names();
+        let store = self.dynamo();
+        let client = store.client();
+        let (table, _, _) = store.table_names();
         let mut total = 0;
-        for shard in 0..self.store.shard_count() {
+        for shard in 0..store.shard_count() {
             let mut start = None;
             loop {
                 let page = client
@@ -314,11 +352,21 @@ impl Backend for DynamoBackend {
         Ok(total)
     }
 
+    /// A fresh private server with fresh tables (on the shared endpoint: nothing, drained
+    /// items are dispatched and each pass adds a fresh backlog).
     async fn reset(&self) -> Result<()> {
-        Ok(()) // drained items are dispatched; each pass adds a fresh backlog
+        if self.lock_inner().0.is_none() {
+            return Ok(());
+        }
+        // Stop the old server first: two at once would hold twice the memory.
+        self.lock_inner().0 = None;
+        let fresh = dynamo_tables(&self.shared, self.logs.path(), &self.prefix).await?;
+        *self.lock_inner() = fresh;
+        Ok(())
     }
 
     async fn cleanup(&self) -> Result<()> {
-        self.store.delete_tables().await
+        let store = self.dynamo();
+        store.delete_tables().await
     }
 }

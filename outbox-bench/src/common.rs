@@ -10,49 +10,12 @@ use outbox_core::{Error, Message, OutboxStore, Producer, Result};
 use outbox_kafka::{KafkaConfig, KafkaProducer};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_rabbitmq::{
-    AmqpUrl, ConnectionConfig, ProducerConfig, RabbitMqProducer, Topology, declare_topology,
-    delete_topology,
+    ConnectionConfig, ProducerConfig, RabbitMqProducer, Topology, declare_topology, delete_topology,
 };
 
 use crate::report::Report;
 
-/// Addresses of the local services, from the `OUTBOX_TEST_*` variables the tests read
-/// (`scripts/services.sh` exports them), with the local defaults.
-#[derive(Debug, Clone)]
-pub struct Services {
-    /// PostgreSQL URL.
-    pub postgres: String,
-    /// RabbitMQ URL.
-    pub rabbitmq: String,
-    /// DynamoDB endpoint (moto).
-    pub dynamodb: String,
-    /// Kafka bootstrap servers.
-    pub kafka: String,
-}
-
-impl Services {
-    /// From the environment.
-    pub fn from_env() -> Self {
-        let var = |name: &str, default: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default.to_owned())
-        };
-        Services {
-            postgres: var(
-                "OUTBOX_TEST_POSTGRES_URL",
-                "postgres://outbox:outbox@127.0.0.1:5432/outbox",
-            ),
-            rabbitmq: var(
-                "OUTBOX_TEST_RABBITMQ_URL",
-                "amqp://guest:guest@127.0.0.1:5672/%2f",
-            ),
-            dynamodb: var("OUTBOX_TEST_DYNAMODB_ENDPOINT", "http://127.0.0.1:8000"),
-            kafka: var("OUTBOX_TEST_KAFKA_BROKERS", "127.0.0.1:9092"),
-        }
-    }
-}
+pub use outbox_harness::Services;
 
 /// The state of one run.
 #[derive(Debug)]
@@ -218,9 +181,7 @@ pub async fn pg_exec(store: &PgStore, sql: String) -> Result<()> {
 
 /// The RabbitMQ connection settings.
 pub fn amqp(ctx: &Ctx) -> Result<ConnectionConfig> {
-    Ok(ConnectionConfig::new(AmqpUrl::parse(
-        ctx.services.rabbitmq.clone(),
-    )?))
+    ctx.services.amqp()
 }
 
 /// A topic exchange and quorum queue bound with `#`, declared; delete with

@@ -73,7 +73,8 @@ pub async fn run(ctx: &mut Ctx, case: Case) -> Result<()> {
 /// The stored queue item of the message `probe` stands for (the backend's own encoding, from
 /// `message_item`): a strongly consistent Query of its shard's partition for its id.
 async fn get_item(backend: &DynamoBackend, _def: &TableDef, probe: &Item) -> Result<Item> {
-    let (table, _, _) = backend.store.table_names();
+    let store = backend.dynamo();
+    let (table, _, _) = store.table_names();
     let (Some(pk), Some(id)) = (probe.get("pk"), probe.get("i")) else {
         return Err(Error::unexpected(
             "message item without its partition or id",
@@ -81,8 +82,7 @@ async fn get_item(backend: &DynamoBackend, _def: &TableDef, probe: &Item) -> Res
     };
     let mut start = None;
     loop {
-        let page = backend
-            .store
+        let page = store
             .client()
             .query()
             .table_name(table)
@@ -112,7 +112,7 @@ async fn measure(
     table: &mut String,
 ) -> Result<()> {
     let n = ctx.count(10, 2);
-    let store = &backend.store;
+    let store = &backend.dynamo();
     let meter = store.meter();
     let client = store.client();
     let (outbox, _, _) = store.table_names();

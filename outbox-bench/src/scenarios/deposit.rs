@@ -6,13 +6,14 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use outbox_core::{Error, Message, Result, Transaction, TransactionalStore, shard_for};
+use outbox_dynamodb::DynamoDbStore;
 use outbox_dynamodb::aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
-use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, local_client};
 use outbox_postgres::PgStore;
 use outbox_postgres::sqlx::{self, AssertSqlSafe};
 use outbox_sqlite::rusqlite::params;
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 
+use crate::backends::dynamo_tables;
 use crate::cli::{Case, Word, case_label};
 use crate::common::{Ctx, Series, drop_schema, messages, pg_exec, pg_store};
 use crate::dynamo;
@@ -345,6 +346,9 @@ impl Depositor for PgDeposit {
 
 struct DynamoDeposit {
     store: DynamoDbStore,
+    /// The case's private server (see `DynamoBackend`), dropped with the case.
+    _moto: Option<outbox_harness::Moto>,
+    _logs: tempfile::TempDir,
     business: String,
     floor: String,
     floor_key: String,
@@ -353,11 +357,9 @@ struct DynamoDeposit {
 impl DynamoDeposit {
     async fn new(ctx: &mut Ctx) -> Result<Self> {
         let prefix = format!("{}_", ctx.name("dep"));
-        let store = DynamoDbStore::new(
-            local_client(&ctx.services.dynamodb),
-            DynamoDbConfig::new(prefix.clone()),
-        )?;
-        store.create_tables().await?;
+        let logs = tempfile::tempdir()
+            .map_err(|e| Error::unexpected("creating a temporary directory").with_source(e))?;
+        let (moto, store) = dynamo_tables(&ctx.services.dynamodb, logs.path(), &prefix).await?;
         let business = format!("{prefix}orders");
         let floor = format!("{prefix}floor");
         let client = store.client();
@@ -366,6 +368,8 @@ impl DynamoDeposit {
         let floor_key = dynamo::copy_table(client, outbox, &floor).await?;
         Ok(DynamoDeposit {
             store,
+            _moto: moto,
+            _logs: logs,
             business,
             floor,
             floor_key,
