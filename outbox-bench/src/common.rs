@@ -33,6 +33,11 @@ pub struct Ctx {
     pub progress: ProgressBar,
     /// The results so far.
     pub report: Report,
+    /// Print each phase's start on stderr (`phase` lines), to cut a profile of the run into
+    /// the library's and the baselines' windows (`scripts/bench-profile.sh`).
+    pub marks: bool,
+    /// When the run started.
+    pub started: Instant,
     seq: u32,
 }
 
@@ -48,6 +53,8 @@ impl Ctx {
             services: Services::from_env(),
             progress,
             report: Report::default(),
+            marks: false,
+            started: Instant::now(),
             seq: 0,
         }
     }
@@ -71,6 +78,17 @@ impl Ctx {
     /// Show what runs now.
     pub fn status(&self, what: impl Into<String>) {
         self.progress.set_message(what.into());
+    }
+
+    /// Mark the start of a phase (`outbox-bench: phase <what> at <s> s` on stderr, with
+    /// `marks`); a phase ends where the next one, or the case, does.
+    pub fn phase(&self, what: &str) {
+        if self.marks {
+            eprintln!(
+                "outbox-bench: phase {what} at {:.3} s",
+                self.started.elapsed().as_secs_f64()
+            );
+        }
     }
 }
 

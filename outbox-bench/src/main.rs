@@ -52,7 +52,8 @@ async fn main() -> ExitCode {
         ProgressBar::hidden()
     };
     let mut ctx = Ctx::new(cli.quick, passes, progress);
-    let started = Instant::now();
+    ctx.marks = !interactive;
+    let started = ctx.started;
     for (scenario, cases) in &plan.runs {
         for case in cases {
             let what = format!("{} {}", scenario.name(), case_label(case));

@@ -102,12 +102,15 @@ async fn measure(ctx: &mut Ctx, case: Case, backend: &PgBackend) -> Result<()> {
             let count = if pass == 0 { (n / 4).max(10) } else { n };
             ctx.status(format!("consumer {label}: pass {pass}"));
             for library in [true, false] {
+                ctx.phase("setup");
                 for chunk in messages(&topic, count, 1_000, 1024)?.chunks(500) {
                     for r in producer.send_batch(chunk).await {
                         r?;
                     }
                 }
                 counted.reset();
+                let side = if library { "lib" } else { "raw-loop" };
+                ctx.phase(&format!("{side} consumer {label}"));
                 let shutdown = CancellationToken::new();
                 let done = async {
                     let end = crate::common::wait_for(

@@ -69,10 +69,11 @@ async fn measure(ctx: &mut Ctx, case: Case, d: &dyn Depositor, n: usize) -> Resu
     for pass in ctx.pass_range() {
         ctx.status(format!("deposit {label}: pass {pass}"));
         // Interleaved: a, lib, floor, lib, floor in every pass.
-        for (i, (_, variant, per_tx)) in plan.iter().enumerate() {
+        for (i, (name, variant, per_tx)) in plan.iter().enumerate() {
             let batches: Vec<Vec<Message>> = (0..n)
                 .map(|_| messages("deposit", *per_tx, 1_000, 1024))
                 .collect::<Result<_>>()?;
+            ctx.phase(&format!("{name} deposit {label}"));
             let start = Instant::now();
             for msgs in &batches {
                 d.deposit(*variant, uuid::Uuid::now_v7(), msgs).await?;

@@ -71,22 +71,28 @@ async fn measure(
         // The warm-up pass drains a fifth of the backlog: enough to warm caches and pools.
         let count = if pass == 0 { (n / 5).max(10) } else { n };
         ctx.status(format!("relay {label}: pass {pass}"));
+        ctx.phase("setup");
         broker.next_pass(ctx).await?;
         backend.reset().await?;
         let topic = broker.topic();
         backend.fill(&messages(&topic, count, keys, 1024)?).await?;
+        ctx.phase(&format!("lib relay {label}"));
         let elapsed = drain_with_relay(ctx, backend, broker.producer(), count).await?;
         lib.record(pass, rate(count, elapsed));
 
+        ctx.phase(&format!("raw-broker relay {label}"));
         let start = Instant::now();
         broker.raw_publish(count, keys, &body).await?;
         raw_broker.record(pass, rate(count, start.elapsed()));
 
+        ctx.phase("setup");
         backend.reset().await?;
         backend.fill(&messages(&topic, count, keys, 1024)?).await?;
+        ctx.phase(&format!("raw-store relay {label}"));
         let start = Instant::now();
         let marked = backend.raw_drain().await?;
         let elapsed = start.elapsed();
+        ctx.phase("setup");
         if marked != count {
             return Err(Error::unexpected(format!(
                 "raw fetch+mark marked {marked} of {count} messages"

@@ -54,8 +54,10 @@ async fn measure(
         let count = if pass == 0 { (n / 4).max(10) } else { n };
         for (i, relays) in RELAYS.iter().enumerate() {
             ctx.status(format!("scaling: {relays} relay(s), pass {pass}"));
+            ctx.phase("setup");
             broker.next_pass(ctx).await?;
             backend.reset().await?;
+            ctx.phase(&format!("lib scaling {relays} relays"));
             let elapsed = drain(ctx, backend, &*broker, *relays, count).await?;
             series[i].record(pass, rate(count, elapsed));
         }
