@@ -2,8 +2,10 @@
 
 mod check;
 mod env;
+mod private;
 mod procs;
 mod report;
+mod restarts;
 mod scenarios;
 mod worker;
 
@@ -64,6 +66,12 @@ enum Cmd {
     ConsumerCrash(RunArgs),
     /// 7: unroutable messages are parked, their keys held back, then requeued in order.
     Poison(RunArgs),
+    /// 3: a private RabbitMQ node stopped and killed mid-run: publishing resumes by itself.
+    BrokerRestart(RunArgs),
+    /// 4: a private PostgreSQL cluster restarted and its sessions terminated mid-run.
+    DbRestart(RunArgs),
+    /// 8: two relays whose clocks differ, below and above the clock-skew margin.
+    ClockSkew(RunArgs),
     /// A consumer process for consumer-crash (internal).
     #[command(hide = true)]
     InboxWorker(worker::WorkerArgs),
@@ -97,6 +105,9 @@ fn main() -> ExitCode {
         Cmd::RacingRelays(a) => (vec![Scenario::RacingRelays], a),
         Cmd::ConsumerCrash(a) => (vec![Scenario::ConsumerCrash], a),
         Cmd::Poison(a) => (vec![Scenario::Poison], a),
+        Cmd::BrokerRestart(a) => (vec![Scenario::BrokerRestart], a),
+        Cmd::DbRestart(a) => (vec![Scenario::DbRestart], a),
+        Cmd::ClockSkew(a) => (vec![Scenario::ClockSkew], a),
     };
     // Boxed: in debug builds the AWS SDK's futures are large, and a future nested this deep
     // would not fit on the main thread's stack.
