@@ -138,7 +138,11 @@ impl PrivateRabbit {
     fn ctl(&self, args: &[&str]) -> Result<()> {
         let mut cmd = Command::new("rabbitmqctl");
         cmd.args(["-q", "-n", &self.node]).args(args);
-        run_logged(&mut cmd, &self.log, &format!("rabbitmqctl {}", args.join(" ")))
+        run_logged(
+            &mut cmd,
+            &self.log,
+            &format!("rabbitmqctl {}", args.join(" ")),
+        )
     }
 
     /// Start the Erlang node (also after a kill) and wait for the broker.
@@ -205,9 +209,7 @@ impl PrivateRabbit {
         std::fs::read_to_string(&path)
             .ok()
             .and_then(|s| s.trim().parse().ok())
-            .ok_or_else(|| {
-                Error::unexpected(format!("no RabbitMQ pid in {}", path.display()))
-            })
+            .ok_or_else(|| Error::unexpected(format!("no RabbitMQ pid in {}", path.display())))
     }
 }
 
@@ -237,8 +239,10 @@ impl PrivatePg {
     /// Create, start and wait for the cluster, with a database `outbox` owned by the
     /// superuser `outbox`. `None` when PostgreSQL's server binaries are not installed.
     pub async fn start(logs: &Path) -> Result<Option<PrivatePg>> {
-        let bin = std::env::var_os("OUTBOX_CHAOS_PG_BIN")
-            .map_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"), PathBuf::from);
+        let bin = std::env::var_os("OUTBOX_CHAOS_PG_BIN").map_or_else(
+            || PathBuf::from("/usr/lib/postgresql/15/bin"),
+            PathBuf::from,
+        );
         if !bin.join("initdb").is_file() {
             return Ok(None);
         }

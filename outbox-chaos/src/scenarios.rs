@@ -196,7 +196,11 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, pair: Pair) -> Row {
         }
     }
     let shared = ctx.services.clone();
-    if let Err(e) = Box::pin(crate::restarts::private_services(ctx, scenario, pair, &mut row)).await {
+    if let Err(e) = Box::pin(crate::restarts::private_services(
+        ctx, scenario, pair, &mut row,
+    ))
+    .await
+    {
         row.fail(e.to_string());
         row.seconds = start.elapsed().as_secs_f64();
         row.judge();
@@ -371,7 +375,9 @@ pub(crate) fn plan(env: &Env, messages: usize, keys: usize, duration: Duration) 
     }
 }
 
-pub(crate) async fn join_writer(writer: tokio::task::JoinHandle<Result<Vec<Sent>>>) -> Result<Vec<Sent>> {
+pub(crate) async fn join_writer(
+    writer: tokio::task::JoinHandle<Result<Vec<Sent>>>,
+) -> Result<Vec<Sent>> {
     writer
         .await
         .map_err(|e| Error::unexpected("writers failed").with_source(e))?
@@ -473,7 +479,12 @@ async fn holds_any(env: &Env, id: &str) -> Result<bool> {
 }
 
 /// Wait until the consumer has `more` deliveries beyond `from`.
-pub(crate) async fn wait_growth(rec: &Recorder, from: usize, more: usize, timeout: Duration) -> bool {
+pub(crate) async fn wait_growth(
+    rec: &Recorder,
+    from: usize,
+    more: usize,
+    timeout: Duration,
+) -> bool {
     let end = Instant::now() + timeout;
     while rec.received() < from + more {
         if Instant::now() > end {

@@ -149,8 +149,7 @@ pub async fn open_with_clock(
             if let Some(c) = clock {
                 config = config.with_clock(c);
             }
-            let store = outbox_dynamodb::DynamoDbStore::new(client, config)
-            .map_err(context)?;
+            let store = outbox_dynamodb::DynamoDbStore::new(client, config).map_err(context)?;
             match mode {
                 Mode::Init => store.create_tables().await.map_err(context)?,
                 Mode::Existing => check_dynamodb_tables(&store, location).await?,

@@ -324,7 +324,7 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
         config,
         clock,
     )
-        .map_err(|e| CliError::from(e).context("starting the relay"))?;
+    .map_err(|e| CliError::from(e).context("starting the relay"))?;
     let shutdown = CancellationToken::new();
     let signals = listen_for_signals(shutdown.clone())?;
     let wake = opened
