@@ -563,6 +563,9 @@ pub struct Timed {
     pub receipt: Receipt,
     /// When it arrived.
     pub at: Instant,
+    /// Which delivery of the message it was at the broker (1: the first; more: the broker
+    /// redelivered it, e.g. after a consumer connection died with it unacked).
+    pub attempt: u32,
 }
 
 /// Every receipt so far, and the distinct ids among them.
@@ -610,7 +613,10 @@ impl Recorder {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        eprintln!("  consumer: receive failed for good, stopping: {e}");
+                        return Err(e);
+                    }
                 };
                 let m = &d.message;
                 let receipt = Receipt {
@@ -623,6 +629,7 @@ impl Recorder {
                     g.list.push(Timed {
                         receipt,
                         at: Instant::now(),
+                        attempt: d.attempt,
                     });
                 }
                 if let Err(e) = consumer.ack(&d).await {

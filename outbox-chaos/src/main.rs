@@ -79,6 +79,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The library's own logs of this process (the checking consumer, the writers), e.g.
+    // OUTBOX_CHAOS_LOG=outbox_rabbitmq=info; off by default.
+    if let Ok(filter) = std::env::var("OUTBOX_CHAOS_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -68,6 +68,46 @@ fn secs(list: &[Duration]) -> String {
         .join(", ")
 }
 
+/// Wait until the consumer receives something new after a service came back. Later than
+/// [`RESUME_BOUND`] is a failed check (recorded in `row`, with the store's pending count to
+/// tell a stalled relay from a stalled consumer), after which it waits up to 90 s more, so
+/// the run still ends with every count. Returns 1 when late.
+async fn resume(
+    env: &Env,
+    rec: &Recorder,
+    relays: &mut crate::procs::Relays,
+    what: &str,
+    row: &mut Row,
+) -> Result<u32> {
+    let at = rec.received();
+    let pending_then = env.store.stats().await.map(|s| s.pending).ok();
+    if wait_growth(rec, at, 1, RESUME_BOUND).await {
+        return Ok(0);
+    }
+    let pending = env.store.stats().await.map(|s| s.pending).ok();
+    let show = |p: Option<u64>| p.map_or_else(|| "?".to_owned(), |p| p.to_string());
+    let grown = wait_growth(rec, at, 1, Duration::from_secs(90)).await;
+    relays.check_alive()?;
+    row.fail(format!(
+        "{what}: nothing received within {RESUME_BOUND:?} ({} then {} pending in the store); \
+         {}",
+        show(pending_then),
+        show(pending),
+        if grown {
+            "received again later"
+        } else {
+            "still nothing 90 s later"
+        }
+    ));
+    if grown {
+        Ok(1)
+    } else {
+        Err(Error::unavailable(format!(
+            "{what}: publishing did not resume"
+        )))
+    }
+}
+
 /// Stop the relays and return `e` (the scenario failed before its end).
 async fn abort(relays: &mut crate::procs::Relays, e: Error) -> Result<()> {
     let _ = relays.terminate_all(Duration::from_secs(10)).await;
@@ -101,6 +141,7 @@ pub async fn broker_restart(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<(
     let mut outages = Vec::new();
     let mut resumed = Vec::new();
     let mut kinds = Vec::new();
+    let mut late = 0;
     let result = async {
         for c in 0..cycles {
             let patience = Duration::from_secs(if c == 0 { 60 } else { 20 });
@@ -126,14 +167,8 @@ pub async fn broker_restart(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<(
             }
             let back = Instant::now();
             outages.push(back - t0);
-            let at = rec.received();
-            if !wait_growth(&rec, at, 1, RESUME_BOUND).await {
-                return Err(Error::unavailable(format!(
-                    "cycle {c}: nothing published within {RESUME_BOUND:?} of the broker \
-                     being back ({})",
-                    kinds[c]
-                )));
-            }
+            let what = format!("cycle {c}, the broker being back ({})", kinds[c]);
+            late += resume(env, &rec, &mut relays, &what, row).await?;
             resumed.push(back.elapsed());
             relays.check_alive()?;
         }
@@ -152,14 +187,50 @@ pub async fn broker_restart(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<(
     row.max_duplicates = Some(cycles as u64 * (IN_FLIGHT * 2 + 64));
     row.notes.push(format!(
         "{cycles} broker restarts ({}), the broker down for {} each (boot included); \
-         publishing resumed {} after the broker was back (bound {RESUME_BOUND:?}; relays' \
+         publishing resumed {} after the broker was back ({late} later than the bound \
+         {RESUME_BOUND:?}; relays' \
          --outage-backoff-max {OUTAGE_BACKOFF_MAX}); 2 relays, none exited or was restarted",
         kinds.join(", "),
         secs(&outages),
         secs(&resumed)
     ));
-    conclude(env, rec, &sent, &mut relays, row).await?;
+    let receipts = conclude(env, rec, &sent, &mut relays, row).await?;
+    let (violations, redelivered) = late_redeliveries(&receipts);
+    row.notes.push(format!(
+        "of the {violations} first receipts that came after a later message of their key, \
+         {redelivered} were broker redeliveries (delivered before to the consumer connection \
+         the restart closed, x-delivery-count > 0): order lost behind the consumer, not at \
+         publishing"
+    ));
     Ok(())
+}
+
+/// First receipts out of per-key order, and how many of them were redeliveries.
+fn late_redeliveries(receipts: &[crate::env::Timed]) -> (u64, u64) {
+    use std::collections::{HashMap, HashSet};
+    let mut seen = HashSet::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let (mut violations, mut redelivered) = (0, 0);
+    for t in receipts {
+        let (Some(key), Some(seq)) = (t.receipt.key.clone(), t.receipt.seq) else {
+            continue;
+        };
+        if !seen.insert(t.receipt.id) {
+            continue;
+        }
+        match last.get(&key) {
+            Some(&prev) if seq <= prev => {
+                violations += 1;
+                if t.attempt > 1 {
+                    redelivered += 1;
+                }
+            }
+            _ => {
+                last.insert(key, seq);
+            }
+        }
+    }
+    (violations, redelivered)
 }
 
 /// Terminate every client session of the private cluster but this one; returns how many.
@@ -209,6 +280,7 @@ pub async fn db_restart(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<()> {
     let mut took = Vec::new();
     let mut resumed = Vec::new();
     let mut terminated = Vec::new();
+    let mut late = 0;
     let result = async {
         for c in 0..cycles {
             let patience = Duration::from_secs(if c == 0 { 60 } else { 20 });
@@ -225,13 +297,8 @@ pub async fn db_restart(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<()> {
             }
             let back = Instant::now();
             took.push(back - t0);
-            let at = rec.received();
-            if !wait_growth(&rec, at, 1, RESUME_BOUND).await {
-                return Err(Error::unavailable(format!(
-                    "cycle {c}: nothing published within {RESUME_BOUND:?} of the database \
-                     being back"
-                )));
-            }
+            let what = format!("cycle {c}, the database being back");
+            late += resume(env, &rec, &mut relays, &what, row).await?;
             resumed.push(back.elapsed());
             relays.check_alive()?;
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -251,7 +318,8 @@ pub async fn db_restart(ctx: &mut Ctx, env: &Env, row: &mut Row) -> Result<()> {
     let found = COMMITS_FOUND_WRITTEN.load(AtomicOrdering::Relaxed) - found_before;
     row.notes.push(format!(
         "{} restarts (pg_ctl restart -m fast, {} each) and {} rounds of pg_terminate_backend \
-         ({:?} sessions) mid-run; publishing resumed {} after each (bound {RESUME_BOUND:?}); \
+         ({:?} sessions) mid-run; publishing resumed {} after each ({late} later than the \
+         bound {RESUME_BOUND:?}); \
          writers: {errors} commits failed with a retryable error and were looked up ({found} \
          found written, the others retried), 0 half-written (a partial one fails the run); \
          2 relays, none exited or was restarted",
