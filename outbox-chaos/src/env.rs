@@ -3,6 +3,7 @@
 //! transactions, and the consumer that records every receipt.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -494,19 +495,60 @@ pub async fn write(store: Arc<Store>, plan: Plan, seed: u64) -> Result<Vec<Sent>
     Ok(all)
 }
 
+/// Commits of the writers that failed with a retryable error (the writers retried them).
+pub static COMMIT_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Of those, commits found written after all when looked up (the error came after the commit).
+pub static COMMITS_FOUND_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// How many of `batch`'s messages are in the store; `None` when the look-up failed.
+async fn written(store: &Store, batch: &[Message]) -> Option<usize> {
+    let outbox = store.outbox();
+    let mut n = 0;
+    for m in batch {
+        if outbox.get(m.id).await.ok()?.is_some() {
+            n += 1;
+        }
+    }
+    Some(n)
+}
+
 async fn commit_retrying(store: &Store, batch: &[Message]) -> Result<()> {
     let mut backoff = Duration::from_millis(50);
+    let mut ambiguous = false;
     for _ in 0..20 {
         match store.commit(batch).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
-                // All or nothing: one message tells whether the transaction was written.
-                if let Ok(Some(_)) = store.outbox().get(batch[0].id).await {
-                    return Ok(());
+                COMMIT_ERRORS.fetch_add(1, AtomicOrdering::Relaxed);
+                // All or nothing: every message of the transaction is there, or none is.
+                match written(store, batch).await {
+                    Some(n) if n == batch.len() => {
+                        COMMITS_FOUND_WRITTEN.fetch_add(1, AtomicOrdering::Relaxed);
+                        return Ok(());
+                    }
+                    Some(n) if n > 0 => {
+                        return Err(Error::unexpected(format!(
+                            "half-written transaction: {n} of its {} messages are in the \
+                             store after the commit failed ({e})",
+                            batch.len()
+                        )));
+                    }
+                    _ => {}
                 }
                 eprintln!("  writer: retryable commit error, retrying: {e}");
+                ambiguous = true;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            // A retry of a commit whose look-up failed may find its ids taken: by itself.
+            Err(e) if ambiguous => {
+                return match written(store, batch).await {
+                    Some(n) if n == batch.len() => {
+                        COMMITS_FOUND_WRITTEN.fetch_add(1, AtomicOrdering::Relaxed);
+                        Ok(())
+                    }
+                    _ => Err(e),
+                };
             }
             Err(e) => return Err(e),
         }
@@ -521,6 +563,9 @@ pub struct Timed {
     pub receipt: Receipt,
     /// When it arrived.
     pub at: Instant,
+    /// Which delivery of the message it was at the broker (1: the first; more: the broker
+    /// redelivered it, e.g. after a consumer connection died with it unacked).
+    pub attempt: u32,
 }
 
 /// Every receipt so far, and the distinct ids among them.
@@ -568,7 +613,10 @@ impl Recorder {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        eprintln!("  consumer: receive failed for good, stopping: {e}");
+                        return Err(e);
+                    }
                 };
                 let m = &d.message;
                 let receipt = Receipt {
@@ -581,6 +629,7 @@ impl Recorder {
                     g.list.push(Timed {
                         receipt,
                         at: Instant::now(),
+                        attempt: d.attempt,
                     });
                 }
                 if let Err(e) = consumer.ack(&d).await {

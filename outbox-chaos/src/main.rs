@@ -2,8 +2,10 @@
 
 mod check;
 mod env;
+mod private;
 mod procs;
 mod report;
+mod restarts;
 mod scenarios;
 mod worker;
 
@@ -64,6 +66,12 @@ enum Cmd {
     ConsumerCrash(RunArgs),
     /// 7: unroutable messages are parked, their keys held back, then requeued in order.
     Poison(RunArgs),
+    /// 3: a private RabbitMQ node stopped and killed mid-run: publishing resumes by itself.
+    BrokerRestart(RunArgs),
+    /// 4: a private PostgreSQL cluster restarted and its sessions terminated mid-run.
+    DbRestart(RunArgs),
+    /// 8: two relays whose clocks differ, below and above the clock-skew margin.
+    ClockSkew(RunArgs),
     /// A consumer process for consumer-crash (internal).
     #[command(hide = true)]
     InboxWorker(worker::WorkerArgs),
@@ -71,6 +79,14 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The library's own logs of this process (the checking consumer, the writers), e.g.
+    // OUTBOX_CHAOS_LOG=outbox_rabbitmq=info; off by default.
+    if let Ok(filter) = std::env::var("OUTBOX_CHAOS_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -97,6 +113,9 @@ fn main() -> ExitCode {
         Cmd::RacingRelays(a) => (vec![Scenario::RacingRelays], a),
         Cmd::ConsumerCrash(a) => (vec![Scenario::ConsumerCrash], a),
         Cmd::Poison(a) => (vec![Scenario::Poison], a),
+        Cmd::BrokerRestart(a) => (vec![Scenario::BrokerRestart], a),
+        Cmd::DbRestart(a) => (vec![Scenario::DbRestart], a),
+        Cmd::ClockSkew(a) => (vec![Scenario::ClockSkew], a),
     };
     // Boxed: in debug builds the AWS SDK's futures are large, and a future nested this deep
     // would not fit on the main thread's stack.

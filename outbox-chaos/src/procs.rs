@@ -135,6 +135,11 @@ impl Relays {
 
     /// Start one more relay.
     pub fn spawn(&mut self) -> Result<()> {
+        self.spawn_with(&[])
+    }
+
+    /// Start one more relay with `extra` flags after the common ones.
+    pub fn spawn_with(&mut self, extra: &[String]) -> Result<()> {
         self.started += 1;
         let id = format!("{}-r{}", self.prefix, self.started);
         let log = self.logs.join(format!("{id}.log"));
@@ -142,6 +147,7 @@ impl Relays {
             .map_err(|e| Error::unexpected(format!("creating {}", log.display())).with_source(e))?;
         let child = Command::new(&self.bin)
             .args(&self.args)
+            .args(extra)
             .args(["--instance-id", &id])
             .env_remove("OUTBOX_STORE")
             .env_remove("OUTBOX_TRANSPORT")
@@ -165,6 +171,13 @@ impl Relays {
             log,
         });
         Ok(())
+    }
+
+    /// The log file of every relay started so far (`<prefix>-r<n>.log`).
+    pub fn logs(&self) -> Vec<PathBuf> {
+        (1..=self.started)
+            .map(|n| self.logs.join(format!("{}-r{n}.log", self.prefix)))
+            .collect()
     }
 
     /// Relays started so far.

@@ -26,16 +26,25 @@ pub enum Scenario {
     Poison,
     /// 6: `InboxProcessor` processes SIGKILLed mid-handler: one effect per message.
     ConsumerCrash,
+    /// 3: a private RabbitMQ node stopped (`stop_app`) and killed, then started, mid-run.
+    BrokerRestart,
+    /// 4: a private PostgreSQL cluster restarted, and its sessions terminated, mid-run.
+    DbRestart,
+    /// 8: relays whose clocks differ, below and above the clock-skew margin.
+    ClockSkew,
 }
 
 impl Scenario {
     /// Every implemented scenario, in the order `all` runs them.
-    pub const ALL: [Scenario; 5] = [
+    pub const ALL: [Scenario; 8] = [
         Scenario::RelayCrash,
         Scenario::RacingRelays,
         Scenario::RelayPause,
         Scenario::Poison,
         Scenario::ConsumerCrash,
+        Scenario::BrokerRestart,
+        Scenario::DbRestart,
+        Scenario::ClockSkew,
     ];
 
     /// Its number in issue 13.
@@ -46,6 +55,9 @@ impl Scenario {
             Scenario::RacingRelays => 5,
             Scenario::ConsumerCrash => 6,
             Scenario::Poison => 7,
+            Scenario::BrokerRestart => 3,
+            Scenario::DbRestart => 4,
+            Scenario::ClockSkew => 8,
         }
     }
 
@@ -57,6 +69,9 @@ impl Scenario {
             Scenario::RelayPause => "relay-pause",
             Scenario::Poison => "poison",
             Scenario::ConsumerCrash => "consumer-crash",
+            Scenario::BrokerRestart => "broker-restart",
+            Scenario::DbRestart => "db-restart",
+            Scenario::ClockSkew => "clock-skew",
         }
     }
 
@@ -69,6 +84,14 @@ impl Scenario {
             // its busy timeout) until SIGCONT. Not a fencing question; see RELIABILITY.md.
             Scenario::RelayPause => &[Pair::PgRabbitmq, Pair::DynamodbKafka],
             Scenario::ConsumerCrash => &[Pair::PgRabbitmq],
+            // A private RabbitMQ node; the in-memory Kafka-protocol broker is not restarted
+            // yet (README, RELIABILITY.md).
+            Scenario::BrokerRestart => &[Pair::PgRabbitmq, Pair::SqliteRabbitmq],
+            // moto keeps its state in memory: a restart loses the tables.
+            Scenario::DbRestart => &[Pair::PgRabbitmq],
+            // PostgreSQL judges lease expiry by the database's clock, SQLite by each
+            // relay's own: both are shown.
+            Scenario::ClockSkew => &[Pair::PgRabbitmq, Pair::SqliteRabbitmq],
             _ => &Pair::ALL,
         }
     }
@@ -87,6 +110,10 @@ pub struct Ctx {
     pub services: Services,
     /// Where the child processes' logs go.
     pub logs: PathBuf,
+    /// The private RabbitMQ node of the running scenario (broker-restart).
+    pub rabbit: Option<crate::private::PrivateRabbit>,
+    /// The private PostgreSQL cluster of the running scenario (db-restart).
+    pub pg: Option<crate::private::PrivatePg>,
     run_id: String,
     seq: u32,
     shared_dynamodb: String,
@@ -102,6 +129,8 @@ impl Ctx {
             bin,
             services: Services::from_env(),
             logs,
+            rabbit: None,
+            pg: None,
             run_id: id[id.len() - 8..].to_owned(),
             seq: 0,
             shared_dynamodb: Services::from_env().dynamodb,
@@ -142,7 +171,7 @@ impl Ctx {
     }
 
     /// A random generator for a scenario, derived from the seed.
-    fn rng(&mut self) -> fastrand::Rng {
+    pub(crate) fn rng(&mut self) -> fastrand::Rng {
         fastrand::Rng::with_seed(self.seed.wrapping_add(u64::from(self.seq) * 7919))
     }
 }
@@ -166,6 +195,18 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, pair: Pair) -> Row {
                 .push(format!("private moto failed ({e}); shared one used")),
         }
     }
+    let shared = ctx.services.clone();
+    if let Err(e) = Box::pin(crate::restarts::private_services(
+        ctx, scenario, pair, &mut row,
+    ))
+    .await
+    {
+        row.fail(e.to_string());
+        row.seconds = start.elapsed().as_secs_f64();
+        row.judge();
+        ctx.services = shared;
+        return row;
+    }
     let result = match scenario {
         Scenario::ConsumerCrash => crate::worker::consumer_crash(ctx, pair, &name, &mut row).await,
         _ => match Box::pin(Env::new(pair, name, &ctx.services)).await {
@@ -179,6 +220,15 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, pair: Pair) -> Row {
                     Scenario::RacingRelays => Box::pin(racing_relays(ctx, &env, &mut row)).await,
                     Scenario::RelayPause => Box::pin(relay_pause(ctx, &env, &mut row)).await,
                     Scenario::Poison => Box::pin(poison(ctx, &env, &mut row)).await,
+                    Scenario::BrokerRestart => {
+                        Box::pin(crate::restarts::broker_restart(ctx, &env, &mut row)).await
+                    }
+                    Scenario::DbRestart => {
+                        Box::pin(crate::restarts::db_restart(ctx, &env, &mut row)).await
+                    }
+                    Scenario::ClockSkew => {
+                        Box::pin(crate::restarts::clock_skew(ctx, &env, &mut row)).await
+                    }
                     Scenario::ConsumerCrash => Ok(()),
                 };
                 if let Err(e) = env.cleanup().await {
@@ -188,6 +238,10 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, pair: Pair) -> Row {
             }
         },
     };
+    // The private services of the scenario go (after the clean-up, which used them).
+    ctx.rabbit = None;
+    ctx.pg = None;
+    ctx.services = shared;
     if let Err(e) = result {
         row.fail(e.to_string());
     }
@@ -211,10 +265,10 @@ pub async fn run(ctx: &mut Ctx, scenario: Scenario, pair: Pair) -> Row {
 
 /// Relay batch and window sizes of every scenario.
 const BATCH: &str = "100";
-const IN_FLIGHT: u64 = 400;
+pub(crate) const IN_FLIGHT: u64 = 400;
 
 /// `outbox relay` flags for `pair`, with `extra` flags appended.
-fn relay_flags(pair: Pair, extra: &[(&str, &str)]) -> Vec<String> {
+pub(crate) fn relay_flags(pair: Pair, extra: &[(&str, &str)]) -> Vec<String> {
     let mut out = Vec::new();
     let in_flight = IN_FLIGHT.to_string();
     let base = [
@@ -229,7 +283,7 @@ fn relay_flags(pair: Pair, extra: &[(&str, &str)]) -> Vec<String> {
     out
 }
 
-fn relays(ctx: &Ctx, env: &Env, extra: &[(&str, &str)]) -> Relays {
+pub(crate) fn relays(ctx: &Ctx, env: &Env, extra: &[(&str, &str)]) -> Relays {
     Relays::new(
         &ctx.bin,
         &env.store_url,
@@ -243,7 +297,7 @@ fn relays(ctx: &Ctx, env: &Env, extra: &[(&str, &str)]) -> Relays {
 /// Messages for a scenario: on moto (about 85 messages/s through one relay, see
 /// BENCHMARKS.md, and far less with several relays renewing 16 leases each) a fortieth of
 /// the full run's messages and a tenth of the quick run's.
-fn scaled(ctx: &Ctx, pair: Pair, full: usize, quick: usize) -> usize {
+pub(crate) fn scaled(ctx: &Ctx, pair: Pair, full: usize, quick: usize) -> usize {
     match pair {
         Pair::DynamodbKafka => ctx.count(full / 40, quick / 10).max(1),
         _ => ctx.count(full, quick),
@@ -251,7 +305,7 @@ fn scaled(ctx: &Ctx, pair: Pair, full: usize, quick: usize) -> usize {
 }
 
 /// Faults for a scenario (a fifth of the full run's and half the quick run's on moto).
-fn faults(ctx: &Ctx, pair: Pair, full: usize, quick: usize) -> usize {
+pub(crate) fn faults(ctx: &Ctx, pair: Pair, full: usize, quick: usize) -> usize {
     match pair {
         Pair::DynamodbKafka => ctx.count(full / 5, quick / 2).max(1),
         _ => ctx.count(full, quick),
@@ -288,7 +342,7 @@ async fn drain(env: &Env, rec: &Recorder, expected: usize, relays: &mut Relays) 
 /// Drain, stop the relays with SIGTERM (each must exit 0), wait for stragglers, stop the
 /// consumer, and count. Every step runs even when an earlier one failed; the first failure
 /// is returned after the row has been filled.
-async fn conclude(
+pub(crate) async fn conclude(
     env: &Env,
     rec: Recorder,
     sent: &[Sent],
@@ -310,7 +364,7 @@ async fn conclude(
     Ok(receipts)
 }
 
-fn plan(env: &Env, messages: usize, keys: usize, duration: Duration) -> Plan {
+pub(crate) fn plan(env: &Env, messages: usize, keys: usize, duration: Duration) -> Plan {
     Plan {
         messages,
         keys,
@@ -321,7 +375,9 @@ fn plan(env: &Env, messages: usize, keys: usize, duration: Duration) -> Plan {
     }
 }
 
-async fn join_writer(writer: tokio::task::JoinHandle<Result<Vec<Sent>>>) -> Result<Vec<Sent>> {
+pub(crate) async fn join_writer(
+    writer: tokio::task::JoinHandle<Result<Vec<Sent>>>,
+) -> Result<Vec<Sent>> {
     writer
         .await
         .map_err(|e| Error::unexpected("writers failed").with_source(e))?
@@ -423,7 +479,12 @@ async fn holds_any(env: &Env, id: &str) -> Result<bool> {
 }
 
 /// Wait until the consumer has `more` deliveries beyond `from`.
-async fn wait_growth(rec: &Recorder, from: usize, more: usize, timeout: Duration) -> bool {
+pub(crate) async fn wait_growth(
+    rec: &Recorder,
+    from: usize,
+    more: usize,
+    timeout: Duration,
+) -> bool {
     let end = Instant::now() + timeout;
     while rec.received() < from + more {
         if Instant::now() > end {

@@ -50,12 +50,27 @@ fn run_init(location: &StoreLocation) -> CliError {
 
 /// Open the store at `location`. With [`Mode::Init`], create what is missing first.
 pub async fn open(location: &StoreLocation, mode: Mode) -> CliResult<Opened> {
+    open_with_clock(location, mode, None).await
+}
+
+/// Like [`open`], with the store reading `clock` (due times, backoff, and lease expiry where
+/// the store judges it by its client's clock: SQLite, DynamoDB) instead of the system clock.
+pub async fn open_with_clock(
+    location: &StoreLocation,
+    mode: Mode,
+    clock: Option<outbox_core::SharedClock>,
+) -> CliResult<Opened> {
+    #[cfg(not(any(feature = "sqlite", feature = "postgres", feature = "dynamodb")))]
+    let _ = &clock;
     #[cfg(any(feature = "sqlite", feature = "postgres", feature = "dynamodb"))]
     let context = |e: outbox_core::Error| CliError::from(e).context(format_args!("{location}"));
     match location {
         #[cfg(feature = "sqlite")]
         StoreLocation::Sqlite { path, prefix } => {
             let mut config = outbox_sqlite::SqliteConfig::new(path);
+            if let Some(c) = clock {
+                config = config.with_clock(c);
+            }
             if let Some(p) = prefix {
                 config = config.with_table_prefix(p);
             }
@@ -86,6 +101,9 @@ pub async fn open(location: &StoreLocation, mode: Mode) -> CliResult<Opened> {
         } => {
             let mut config = outbox_postgres::PgConfig::new()
                 .with_acquire_timeout(std::time::Duration::from_secs(5));
+            if let Some(c) = clock {
+                config = config.with_clock(c);
+            }
             if let Some(s) = schema {
                 config = config.with_schema(s);
             }
@@ -127,11 +145,11 @@ pub async fn open(location: &StoreLocation, mode: Mode) -> CliResult<Opened> {
             }
             let sdk = loader.load().await;
             let client = outbox_dynamodb::aws_sdk_dynamodb::Client::new(&sdk);
-            let store = outbox_dynamodb::DynamoDbStore::new(
-                client,
-                outbox_dynamodb::DynamoDbConfig::new(prefix.clone()),
-            )
-            .map_err(context)?;
+            let mut config = outbox_dynamodb::DynamoDbConfig::new(prefix.clone());
+            if let Some(c) = clock {
+                config = config.with_clock(c);
+            }
+            let store = outbox_dynamodb::DynamoDbStore::new(client, config).map_err(context)?;
             match mode {
                 Mode::Init => store.create_tables().await.map_err(context)?,
                 Mode::Existing => check_dynamodb_tables(&store, location).await?,

@@ -45,8 +45,39 @@ pub struct RelayArgs {
     /// AMQP `cloudEvents:` headers) with this `source`, e.g. /billing.
     #[arg(long, value_name = "SOURCE", env = "OUTBOX_CLOUDEVENTS_SOURCE")]
     cloudevents_source: Option<String>,
+    /// Testing only (hidden): run the relay and its store on a clock this many milliseconds
+    /// ahead of the system clock (negative: behind), to show what clock skew between relays
+    /// does (the fault suite's clock-skew scenario).
+    #[arg(long, hide = true, value_name = "MS", allow_hyphen_values = true)]
+    clock_offset_ms: Option<i64>,
     #[command(flatten)]
     knobs: Knobs,
+}
+
+/// The system clock shifted by a fixed offset (`--clock-offset-ms`).
+#[derive(Debug)]
+struct OffsetClock {
+    offset_us: i64,
+}
+
+impl outbox_core::Clock for OffsetClock {
+    fn now(&self) -> outbox_core::DateTime<outbox_core::Utc> {
+        let now = outbox_core::Utc::now();
+        now.timestamp_micros()
+            .checked_add(self.offset_us)
+            .and_then(outbox_core::DateTime::from_timestamp_micros)
+            .unwrap_or_else(|| outbox_core::truncate_micros(now))
+    }
+}
+
+/// The clock of `--clock-offset-ms`, or the system clock.
+fn relay_clock(offset_ms: Option<i64>) -> outbox_core::SharedClock {
+    match offset_ms {
+        Some(ms) if ms != 0 => std::sync::Arc::new(OffsetClock {
+            offset_us: ms.saturating_mul(1000),
+        }),
+        _ => std::sync::Arc::new(outbox_core::SystemClock),
+    }
 }
 
 /// Every [`RelayConfig`] knob as a flag (unset: the TOML file's value, else the default).
@@ -267,7 +298,9 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
     let store_location = StoreLocation::parse(&args.store.store)?;
     let transport_location = TransportLocation::parse(&args.transport)?;
     let config = relay_config(&args)?;
-    let opened = backend::open(&store_location, Mode::Existing).await?;
+    let clock = relay_clock(args.clock_offset_ms);
+    let opened =
+        backend::open_with_clock(&store_location, Mode::Existing, Some(clock.clone())).await?;
     let cloud_events = args
         .cloudevents_source
         .clone()
@@ -284,8 +317,14 @@ pub async fn run(args: RelayArgs) -> CliResult<()> {
     }
     let instance = config.instance_id.clone();
     let poll = config.poll_interval;
-    let relay = Relay::new(opened.store.clone(), opened.lock.clone(), producer, config)
-        .map_err(|e| CliError::from(e).context("starting the relay"))?;
+    let relay = Relay::with_clock(
+        opened.store.clone(),
+        opened.lock.clone(),
+        producer,
+        config,
+        clock,
+    )
+    .map_err(|e| CliError::from(e).context("starting the relay"))?;
     let shutdown = CancellationToken::new();
     let signals = listen_for_signals(shutdown.clone())?;
     let wake = opened
@@ -341,6 +380,44 @@ fn listen_for_signals(shutdown: CancellationToken) -> CliResult<tokio::task::Joi
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn clock_offset_shifts_the_relay_clock() {
+        let skew = |ms| {
+            let before = outbox_core::Utc::now();
+            let t = relay_clock(Some(ms)).now();
+            (t - before).num_milliseconds()
+        };
+        let ahead = skew(5_000);
+        assert!((4_990..5_100).contains(&ahead), "{ahead}");
+        let behind = skew(-3_000);
+        assert!((-3_010..-2_900).contains(&behind), "{behind}");
+        assert!(skew(0).abs() < 100);
+    }
+
+    #[test]
+    fn clock_offset_is_hidden_from_help_and_takes_negative_values() {
+        use clap::{CommandFactory, Parser};
+        let mut cli = crate::Cli::command();
+        let help = cli
+            .find_subcommand_mut("relay")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--transport"));
+        assert!(!help.contains("clock-offset"));
+        let parsed = crate::Cli::try_parse_from([
+            "outbox",
+            "relay",
+            "--store",
+            "sqlite:///tmp/x.db",
+            "--transport",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+            "--clock-offset-ms",
+            "-2500",
+        ]);
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
+    }
 
     #[test]
     fn file_then_flags_override_defaults() {
