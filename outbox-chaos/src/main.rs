@@ -2,6 +2,7 @@
 
 mod check;
 mod env;
+mod fuzz;
 mod procs;
 mod report;
 mod scenarios;
@@ -64,6 +65,8 @@ enum Cmd {
     ConsumerCrash(RunArgs),
     /// 7: unroutable messages are parked, their keys held back, then requeued in order.
     Poison(RunArgs),
+    /// Build the cargo-fuzz targets (fuzz/) and run each for --seconds; fails on a crash.
+    Fuzz(fuzz::FuzzArgs),
     /// A consumer process for consumer-crash (internal).
     #[command(hide = true)]
     InboxWorker(worker::WorkerArgs),
@@ -91,6 +94,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Cmd::Fuzz(args) => return fuzz::run(args),
         Cmd::All(a) => (Scenario::ALL.to_vec(), a),
         Cmd::RelayCrash(a) => (vec![Scenario::RelayCrash], a),
         Cmd::RelayPause(a) => (vec![Scenario::RelayPause], a),
