@@ -118,7 +118,7 @@ impl<'a> Arbitrary<'a> for Input {
         let props = if u.ratio(1, 4)? {
             // Wire bytes through the parser lapin runs on every content header.
             let bytes: Vec<u8> = u.arbitrary()?;
-            match BasicProperties::parse_properties(bytes.as_slice()) {
+            match lapin::protocol::basic::parse_properties(bytes.as_slice()) {
                 Ok((_, props)) => props,
                 Err(_) => BasicProperties::default(),
             }
