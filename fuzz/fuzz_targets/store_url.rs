@@ -14,7 +14,8 @@ const SCHEMES: &[&str] = &[
     "postgresql",
     "amqp",
     "amqps",
-    "sqlite",
+    // Not `sqlite`: what follows `sqlite://` is a file path, shown as it is (a path
+    // `user:pw@` is a file name, not a credential).
     "dynamodb",
     "kafka",
     "POSTGRES",
