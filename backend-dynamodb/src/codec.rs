@@ -222,8 +222,14 @@ pub(crate) fn get_time(item: &Item, name: &str) -> Result<Option<DateTime<Utc>>>
     }
 }
 
-/// Decode an outbox item.
-pub(crate) fn decode(item: &Item) -> Result<StoredMessage> {
+/// Decode an outbox item. Public (hidden) so the fuzz targets and the bad-input tests can
+/// decode items without a table.
+///
+/// # Errors
+/// [`ErrorKind::Unexpected`](outbox_core::ErrorKind::Unexpected) ("malformed outbox item")
+/// naming the attribute that is missing or not what this crate writes.
+#[doc(hidden)]
+pub fn decode(item: &Item) -> Result<StoredMessage> {
     let id: MessageId = get_s(item, ID)
         .ok_or_else(|| bad("no message id"))?
         .parse()
@@ -265,7 +271,8 @@ pub(crate) fn decode(item: &Item) -> Result<StoredMessage> {
     };
     Ok(StoredMessage {
         message,
-        status: MessageStatus::from_str(get_s(item, STATUS).ok_or_else(|| bad("no status"))?)?,
+        status: MessageStatus::from_str(get_s(item, STATUS).ok_or_else(|| bad("no status"))?)
+            .map_err(|e| bad(e.message()))?,
         attempts: get_n(item, ATTEMPTS)?.unwrap_or(0),
         next_attempt_at: get_time(item, NEXT_ATTEMPT)?,
         last_error: opt(LAST_ERROR),

@@ -16,6 +16,8 @@ mod store;
 mod stream;
 mod uow;
 
+#[doc(hidden)]
+pub use codec::decode as decode_item;
 pub use codec::{ITEM_HEADROOM, MAX_ITEM_SIZE, MAX_SLOT, META_SLOT, item_size};
 pub use config::{
     DEFAULT_CURSOR_PERSIST_INTERVAL, DEFAULT_DISPATCHED_TTL, DEFAULT_ID_GUARD_TTL,

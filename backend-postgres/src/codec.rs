@@ -24,44 +24,121 @@ where
         .map_err(|e| parse_error_with(e, format_args!("reading column {name}")))
 }
 
+/// The columns of a stored message as PostgreSQL returns them, before any check: what
+/// [`decode_row`] turns into a [`StoredMessage`]. Public (hidden) so the fuzz targets and the
+/// bad-input tests can decode rows without a database.
+#[doc(hidden)]
+#[derive(Debug, Clone)]
+pub struct MessageRow {
+    /// `sequence`.
+    pub sequence: i64,
+    /// `id`.
+    pub id: Uuid,
+    /// `topic`.
+    pub topic: String,
+    /// `key`.
+    pub key: Option<String>,
+    /// `payload`.
+    pub payload: Vec<u8>,
+    /// `headers` (`jsonb`), an object of strings when sound.
+    pub headers: serde_json::Value,
+    /// `content_type`.
+    pub content_type: Option<String>,
+    /// `message_type`.
+    pub message_type: String,
+    /// `correlation_id`.
+    pub correlation_id: Option<String>,
+    /// `reply_to`.
+    pub reply_to: Option<String>,
+    /// `created_at`.
+    pub created_at: DateTime<Utc>,
+    /// `deliver_after`.
+    pub deliver_after: Option<DateTime<Utc>>,
+    /// `traceparent`.
+    pub traceparent: Option<String>,
+    /// `tracestate`.
+    pub tracestate: Option<String>,
+    /// `baggage`.
+    pub baggage: Option<String>,
+    /// `status`.
+    pub status: String,
+    /// `attempts`.
+    pub attempts: i64,
+    /// `next_attempt_at`.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// `last_error`.
+    pub last_error: Option<String>,
+    /// `dispatched_at`.
+    pub dispatched_at: Option<DateTime<Utc>>,
+    /// `shard`.
+    pub shard: i32,
+}
+
 /// Read a row selected with the message columns.
 pub(crate) fn read_message(row: &PgRow) -> Result<StoredMessage> {
-    let sequence: i64 = col(row, "sequence")?;
-    let id: Uuid = col(row, "id")?;
-    let payload: Vec<u8> = col(row, "payload")?;
-    let headers: sqlx::types::Json<BTreeMap<String, String>> = col(row, "headers")?;
-    let message_type: String = col(row, "message_type")?;
-    let status: String = col(row, "status")?;
-    let status: MessageStatus = status.parse().map_err(|e| corrupt("status", e))?;
-    let attempts: i64 = col(row, "attempts")?;
-    let shard: i32 = col(row, "shard")?;
-    let message = Message {
-        id: MessageId::from_uuid(id),
+    decode_row(MessageRow {
+        sequence: col(row, "sequence")?,
+        id: col(row, "id")?,
         topic: col(row, "topic")?,
         key: col(row, "key")?,
-        payload: Bytes::from(payload),
-        headers: headers.0,
+        payload: col(row, "payload")?,
+        headers: col(row, "headers")?,
         content_type: col(row, "content_type")?,
-        message_type: MessageType::parse(&message_type),
+        message_type: col(row, "message_type")?,
         correlation_id: col(row, "correlation_id")?,
         reply_to: col(row, "reply_to")?,
         created_at: col(row, "created_at")?,
         deliver_after: col(row, "deliver_after")?,
+        traceparent: col(row, "traceparent")?,
+        tracestate: col(row, "tracestate")?,
+        baggage: col(row, "baggage")?,
+        status: col(row, "status")?,
+        attempts: col(row, "attempts")?,
+        next_attempt_at: col(row, "next_attempt_at")?,
+        last_error: col(row, "last_error")?,
+        dispatched_at: col(row, "dispatched_at")?,
+        shard: col(row, "shard")?,
+    })
+}
+
+/// Check and convert the columns of a stored message.
+///
+/// # Errors
+/// [`ErrorKind::Unexpected`](outbox_core::ErrorKind::Unexpected) naming the column when a
+/// value is not what this crate writes (headers that are not a JSON object of strings, an
+/// unknown status, a negative count).
+#[doc(hidden)]
+pub fn decode_row(row: MessageRow) -> Result<StoredMessage> {
+    let headers: BTreeMap<String, String> =
+        serde_json::from_value(row.headers).map_err(|e| corrupt("headers", e))?;
+    let status: MessageStatus = row.status.parse().map_err(|e| corrupt("status", e))?;
+    let message = Message {
+        id: MessageId::from_uuid(row.id),
+        topic: row.topic,
+        key: row.key,
+        payload: Bytes::from(row.payload),
+        headers,
+        content_type: row.content_type,
+        message_type: MessageType::parse(&row.message_type),
+        correlation_id: row.correlation_id,
+        reply_to: row.reply_to,
+        created_at: row.created_at,
+        deliver_after: row.deliver_after,
         trace: TraceContext {
-            traceparent: col(row, "traceparent")?,
-            tracestate: col(row, "tracestate")?,
-            baggage: col(row, "baggage")?,
+            traceparent: row.traceparent,
+            tracestate: row.tracestate,
+            baggage: row.baggage,
         },
     };
     Ok(StoredMessage {
         message,
         status,
-        attempts: u32::try_from(attempts).map_err(|e| corrupt("attempts", e))?,
-        next_attempt_at: col(row, "next_attempt_at")?,
-        last_error: col(row, "last_error")?,
-        dispatched_at: col(row, "dispatched_at")?,
-        shard: u32::try_from(shard).map_err(|e| corrupt("shard", e))?,
-        sequence: u64::try_from(sequence).map_err(|e| corrupt("sequence", e))?,
+        attempts: u32::try_from(row.attempts).map_err(|e| corrupt("attempts", e))?,
+        next_attempt_at: row.next_attempt_at,
+        last_error: row.last_error,
+        dispatched_at: row.dispatched_at,
+        shard: u32::try_from(row.shard).map_err(|e| corrupt("shard", e))?,
+        sequence: u64::try_from(row.sequence).map_err(|e| corrupt("sequence", e))?,
     })
 }
 

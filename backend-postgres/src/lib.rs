@@ -10,6 +10,8 @@ mod schema;
 mod store;
 mod tx;
 
+#[doc(hidden)]
+pub use codec::{MessageRow, decode_row};
 pub use config::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_POOL_SIZE,
     DEFAULT_SCHEMA, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX, LockClock, MAX_MESSAGE_SIZE_LIMIT,

@@ -364,7 +364,34 @@ impl OutboxStore for PgStore {
             .fetch_all(&self.core.pool)
             .await
             .map_err(|e| parse_error_with(e, "fetching pending messages"))?;
-        rows_to_messages(rows)
+        // A row that does not decode (corrupted, or written by something else) is parked
+        // with the reason, so the relay keeps going; rows after it may share its key and
+        // are left to the next fetch, which sees it parked and holds the key back.
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match read_message(row) {
+                Ok(m) => messages.push(m),
+                Err(e) => {
+                    let sequence: i64 = row
+                        .try_get("sequence")
+                        .map_err(|e| parse_error_with(e, "reading column sequence"))?;
+                    tracing::warn!(sequence, "parking a stored message that does not decode");
+                    let sql: Arc<str> = Arc::from(format!(
+                        "UPDATE {} SET status = 'parked', last_error = $2, \
+                         next_attempt_at = NULL WHERE sequence = $1 AND status = 'pending'",
+                        self.core.sql.messages_table
+                    ));
+                    sqlx::query(q(&sql))
+                        .bind(sequence)
+                        .bind(format!("undecodable stored message: {e}").replace('\0', ""))
+                        .execute(&self.core.pool)
+                        .await
+                        .map_err(|e| parse_error_with(e, "parking an undecodable message"))?;
+                    break;
+                }
+            }
+        }
+        Ok(messages)
     }
 
     async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {

@@ -223,13 +223,35 @@ impl SqliteStore {
     }
 }
 
-fn fetch_by_sequence(conn: &Connection, core: &Core, sequence: i64) -> Result<StoredMessage> {
+/// Read the message at `sequence`: the outer error is the database's, the inner one says the
+/// row does not decode (a corrupted or foreign row).
+fn fetch_by_sequence(
+    conn: &Connection,
+    core: &Core,
+    sequence: i64,
+) -> Result<Result<StoredMessage>> {
     let ctx = |e| parse_error_with(e, format_args!("reading message #{sequence}"));
     let mut stmt = conn
         .prepare_cached(&core.sql.message_by_sequence)
         .map_err(ctx)?;
     stmt.query_row([sequence], |row| Ok(read_message(row)))
-        .map_err(ctx)?
+        .map_err(ctx)
+}
+
+/// Park the pending rows that do not decode, with the reason as `last_error`, so the relay
+/// keeps going (and later messages of their keys wait, as behind any parked message).
+fn park_undecodable(conn: &Connection, core: &Core, rows: &[(i64, String)]) -> Result<()> {
+    let ctx = |e| parse_error_with(e, "parking undecodable messages");
+    let sql = format!(
+        "UPDATE {}messages SET status = 'parked', last_error = ?2, next_attempt_at = NULL \
+         WHERE sequence = ?1 AND status = 'pending'",
+        core.sql.prefix
+    );
+    let mut stmt = conn.prepare_cached(&sql).map_err(ctx)?;
+    for (sequence, reason) in rows {
+        stmt.execute(params![sequence, reason]).map_err(ctx)?;
+    }
+    Ok(())
 }
 
 fn collect_messages(
@@ -302,42 +324,63 @@ impl OutboxStore for SqliteStore {
         let limit = query.limit;
         let ordering = query.ordering;
         let now = to_micros(self.core.clock.now());
-        self.read(move |c, core| {
-            let ctx = |e| parse_error_with(e, "fetching pending messages");
-            let sql = match ordering {
-                outbox_core::Ordering::PerKey => &core.sql.pending_per_key,
-                outbox_core::Ordering::Unordered => &core.sql.pending_unordered,
-            };
-            // Per shard, the `limit` oldest eligible sequences (index order, stops early);
-            // the global `limit` oldest are among them. Keys never span shards, so the
-            // per-key rule is decided within each shard.
-            let mut sequences = Vec::new();
-            {
-                let mut stmt = c.prepare_cached(sql).map_err(ctx)?;
-                for shard in shards {
-                    let rows = stmt
-                        .query_map(
-                            named_params! {
-                                ":shard": i64::from(shard),
-                                ":now": now,
-                                ":limit": to_i64(limit),
-                            },
-                            |r| r.get::<_, i64>(0),
-                        )
-                        .map_err(ctx)?;
-                    for row in rows {
-                        sequences.push(row.map_err(ctx)?);
+        let (messages, undecodable) = self
+            .read(move |c, core| {
+                let ctx = |e| parse_error_with(e, "fetching pending messages");
+                let sql = match ordering {
+                    outbox_core::Ordering::PerKey => &core.sql.pending_per_key,
+                    outbox_core::Ordering::Unordered => &core.sql.pending_unordered,
+                };
+                // Per shard, the `limit` oldest eligible sequences (index order, stops early);
+                // the global `limit` oldest are among them. Keys never span shards, so the
+                // per-key rule is decided within each shard.
+                let mut sequences = Vec::new();
+                {
+                    let mut stmt = c.prepare_cached(sql).map_err(ctx)?;
+                    for shard in shards {
+                        let rows = stmt
+                            .query_map(
+                                named_params! {
+                                    ":shard": i64::from(shard),
+                                    ":now": now,
+                                    ":limit": to_i64(limit),
+                                },
+                                |r| r.get::<_, i64>(0),
+                            )
+                            .map_err(ctx)?;
+                        for row in rows {
+                            sequences.push(row.map_err(ctx)?);
+                        }
                     }
                 }
-            }
-            sequences.sort_unstable();
-            sequences.truncate(limit);
-            sequences
-                .into_iter()
-                .map(|s| fetch_by_sequence(c, core, s))
-                .collect()
-        })
-        .await
+                sequences.sort_unstable();
+                sequences.truncate(limit);
+                let mut messages = Vec::with_capacity(sequences.len());
+                let mut undecodable = Vec::new();
+                for s in sequences {
+                    match fetch_by_sequence(c, core, s)? {
+                        Ok(m) => messages.push(m),
+                        Err(e) => undecodable.push((s, format!("undecodable stored message: {e}"))),
+                    }
+                }
+                Ok((messages, undecodable))
+            })
+            .await?;
+        if let Some((first, _)) = undecodable.first() {
+            // Later messages may share a key with it: leave them to the next fetch, which
+            // sees the parked message and holds its key back.
+            let first = u64::try_from(*first).unwrap_or(0);
+            let mut messages = messages;
+            messages.retain(|m| m.sequence < first);
+            tracing::warn!(
+                count = undecodable.len(),
+                "parking stored messages that do not decode"
+            );
+            self.write(move |c, core| park_undecodable(c, core, &undecodable))
+                .await?;
+            return Ok(messages);
+        }
+        Ok(messages)
     }
 
     async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {

@@ -3,6 +3,7 @@
 mod check;
 mod env;
 mod private;
+mod fuzz;
 mod procs;
 mod report;
 mod restarts;
@@ -72,6 +73,8 @@ enum Cmd {
     DbRestart(RunArgs),
     /// 8: two relays whose clocks differ, below and above the clock-skew margin.
     ClockSkew(RunArgs),
+    /// Build the cargo-fuzz targets (fuzz/) and run each for --seconds; fails on a crash.
+    Fuzz(fuzz::FuzzArgs),
     /// A consumer process for consumer-crash (internal).
     #[command(hide = true)]
     InboxWorker(worker::WorkerArgs),
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Cmd::Fuzz(args) => return fuzz::run(args),
         Cmd::All(a) => (Scenario::ALL.to_vec(), a),
         Cmd::RelayCrash(a) => (vec![Scenario::RelayCrash], a),
         Cmd::RelayPause(a) => (vec![Scenario::RelayPause], a),

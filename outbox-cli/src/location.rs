@@ -232,6 +232,9 @@ impl TransportLocation {
                         !host.is_empty() && port.parse::<u16>().is_ok()
                     });
                     if !port_ok {
+                        // Never quote what may be userinfo (kafka URLs carry none; SASL
+                        // credentials go in OUTBOX_KAFKA_* settings).
+                        let h = h.rsplit_once('@').map_or(h, |(_, host)| host);
                         return Err(bad(&format!(
                             "broker {h:?} is not host:port (kafka://host:port,host:port)"
                         )));
@@ -501,6 +504,15 @@ mod tests {
             let e = StoreLocation::parse(bad).unwrap_err().to_string();
             assert!(e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn kafka_broker_errors_never_quote_userinfo() {
+        // Found by the fuzz target store_url: the broker was quoted whole, password included.
+        let e = TransportLocation::parse("kafka://user:Pl4ntedS3cret@\u{8}").unwrap_err();
+        assert!(!e.to_string().contains("Pl4ntedS3cret"), "{e}");
+        assert!(!format!("{e:?}").contains("Pl4ntedS3cret"), "{e:?}");
+        assert!(e.to_string().contains("is not host:port"), "{e}");
     }
 
     #[test]

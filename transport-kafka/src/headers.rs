@@ -76,7 +76,8 @@ pub const DLQ_ATTEMPT: &str = "outbox.dlq.attempt";
 pub const DLQ_GROUP: &str = "outbox.dlq.group";
 
 /// Raw record headers, in order (a value may be null).
-pub(crate) type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
+#[doc(hidden)]
+pub type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
 
 pub(crate) fn format_time(t: DateTime<Utc>) -> String {
     outbox_core::cloudevents::format_time(t)
@@ -94,7 +95,8 @@ fn parse_time(name: &str, v: &str) -> Result<DateTime<Utc>> {
 
 /// The headers of `message` as a record carries them; with the CloudEvents attributes when
 /// `cloud_events` is set.
-pub(crate) fn encode(message: &Message, cloud_events: Option<&CloudEvents>) -> RawHeaders {
+#[doc(hidden)]
+pub fn encode(message: &Message, cloud_events: Option<&CloudEvents>) -> RawHeaders {
     let mut h: RawHeaders = Vec::with_capacity(14 + message.headers.len());
     let mut put = |k: &str, v: &str| h.push((k.to_owned(), Some(v.as_bytes().to_vec())));
     put(ID, &message.id.to_string());
@@ -179,7 +181,8 @@ pub(crate) fn get<'a>(raw: &'a RawHeaders, name: &str) -> Result<Option<&'a str>
 /// `InvalidInput` naming the problem: no `outbox.id` (not published by this crate), a
 /// malformed id or time, non-UTF-8 key or header values, or a message failing
 /// [`Message::validate`].
-pub(crate) fn decode(
+#[doc(hidden)]
+pub fn decode(
     topic: &str,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,

@@ -94,10 +94,8 @@ fn insert(table: &mut FieldTable, name: &str, value: AMQPValue) {
 ///
 /// # Errors
 /// [`ErrorKind::InvalidInput`](outbox_core::ErrorKind::InvalidInput) for an invalid message.
-pub(crate) fn encode(
-    message: &Message,
-    cloud_events: Option<&CloudEvents>,
-) -> Result<BasicProperties> {
+#[doc(hidden)]
+pub fn encode(message: &Message, cloud_events: Option<&CloudEvents>) -> Result<BasicProperties> {
     message.validate()?;
     let mut headers = FieldTable::default();
     if let Some(ce) = cloud_events {
@@ -252,11 +250,8 @@ fn micros(field: &str, value: &AMQPValue) -> Result<DateTime<Utc>> {
 /// # Errors
 /// [`ErrorKind::InvalidInput`](outbox_core::ErrorKind::InvalidInput) when the message id is
 /// missing or not a UUID, or a header of ours is malformed.
-pub(crate) fn decode(
-    props: &BasicProperties,
-    payload: &[u8],
-    routing_key: &str,
-) -> Result<Message> {
+#[doc(hidden)]
+pub fn decode(props: &BasicProperties, payload: &[u8], routing_key: &str) -> Result<Message> {
     let empty = FieldTable::default();
     let headers = props.headers().as_ref().unwrap_or(&empty);
     let get = |name: &str| headers.inner().get(name);

@@ -14,6 +14,8 @@ pub use codec::{
     HEADER_DEAD_LETTERED_AT, HEADER_DELIVER_AFTER, HEADER_DELIVERY_COUNT, HEADER_ESCAPED_HEADERS,
     HEADER_KEY, HEADER_REPLY_TO, HEADER_TOPIC, HEADER_TYPE, MAX_SHORT_STRING, TRACE_HEADERS,
 };
+#[doc(hidden)]
+pub use codec::{decode as decode_properties, encode as encode_properties};
 pub use conn::ConnectionConfig;
 pub use consumer::{ConsumerConfig, DeadLetter, RabbitMqConsumer, fetch_dead_letters};
 pub use producer::{
