@@ -16,8 +16,7 @@ use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, local_client};
 use outbox_kafka::{ConsumerOptions, KafkaConfig, KafkaConsumer};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_rabbitmq::{
-    AmqpUrl, ConnectionConfig, ConsumerConfig, RabbitMqConsumer, Topology, declare_topology,
-    delete_topology,
+    ConnectionConfig, ConsumerConfig, RabbitMqConsumer, Topology, declare_topology, delete_topology,
 };
 use outbox_sqlite::{SqliteConfig, SqliteStore};
 use uuid::Uuid;
@@ -83,55 +82,7 @@ impl Pair {
     }
 }
 
-/// Addresses of the local services, from the `OUTBOX_TEST_*` variables that
-/// `scripts/services.sh` exports, with the local defaults.
-#[derive(Debug, Clone)]
-pub struct Services {
-    /// PostgreSQL URL.
-    pub postgres: String,
-    /// RabbitMQ URL.
-    pub rabbitmq: String,
-    /// DynamoDB endpoint (moto).
-    pub dynamodb: String,
-    /// Kafka bootstrap servers.
-    pub kafka: String,
-}
-
-impl Services {
-    /// From the environment.
-    pub fn from_env() -> Self {
-        let var = |name: &str, default: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default.to_owned())
-        };
-        Services {
-            postgres: var(
-                "OUTBOX_TEST_POSTGRES_URL",
-                "postgres://outbox:outbox@127.0.0.1:5432/outbox",
-            ),
-            rabbitmq: var(
-                "OUTBOX_TEST_RABBITMQ_URL",
-                "amqp://guest:guest@127.0.0.1:5672/%2f",
-            ),
-            dynamodb: var("OUTBOX_TEST_DYNAMODB_ENDPOINT", "http://127.0.0.1:8000"),
-            kafka: var("OUTBOX_TEST_KAFKA_BROKERS", "127.0.0.1:9092"),
-        }
-    }
-
-    /// The RabbitMQ connection settings.
-    pub fn amqp(&self) -> Result<ConnectionConfig> {
-        Ok(ConnectionConfig::new(AmqpUrl::parse(
-            self.rabbitmq.clone(),
-        )?))
-    }
-
-    /// The Kafka client settings.
-    pub fn kafka_config(&self) -> KafkaConfig {
-        KafkaConfig::new(self.kafka.clone())
-    }
-}
+pub use outbox_harness::Services;
 
 /// `url` with `param` appended as a query parameter.
 pub fn with_param(url: &str, param: &str) -> String {

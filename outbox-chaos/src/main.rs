@@ -2,8 +2,8 @@
 
 mod check;
 mod env;
-mod private;
 mod fuzz;
+mod private;
 mod procs;
 mod report;
 mod restarts;

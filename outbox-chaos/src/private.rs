@@ -11,14 +11,7 @@ use outbox_core::{Error, Result};
 
 use crate::procs::signal;
 
-/// A free TCP port on 127.0.0.1 (another process may take it before it is used; the
-/// callers' start-up then fails with a clear error).
-pub fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| Error::unexpected("finding a free port").with_source(e))
-}
+pub use outbox_harness::free_port;
 
 /// Run `cmd`, its output appended to `log`; an error naming `what` and the log's end when it
 /// fails.

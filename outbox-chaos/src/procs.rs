@@ -6,6 +6,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use outbox_core::{Error, Result};
+pub use outbox_harness::{Moto, tail};
 
 /// Where the `outbox` binary is: `explicit`, or next to this executable.
 ///
@@ -59,13 +60,6 @@ pub async fn wait_exit(child: &mut Child, timeout: Duration) -> Result<Option<Ex
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// The last `lines` lines of a log file.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A running `outbox relay`.
@@ -267,76 +261,5 @@ impl Drop for Relays {
             let _ = r.child.kill();
             let _ = r.child.wait();
         }
-    }
-}
-
-/// A private moto server of this run (the shared one is used by others' tests and may be
-/// loaded or bloated; faults and relay load here must not slow them down, nor they us).
-#[derive(Debug)]
-pub struct Moto {
-    child: Child,
-    /// Its endpoint, `http://127.0.0.1:<port>`.
-    pub endpoint: String,
-}
-
-impl Moto {
-    /// Start `moto_server` on a free port: the one of `OUTBOX_CHAOS_MOTO_SERVER`, else the
-    /// one `scripts/services.sh` installed. `None` when there is none.
-    pub async fn start(logs: &Path) -> Result<Option<Moto>> {
-        let bin = match std::env::var_os("OUTBOX_CHAOS_MOTO_SERVER") {
-            Some(p) => PathBuf::from(p),
-            None => {
-                let base = std::env::var_os("OUTBOX_SERVICES_DIR")
-                    .map(PathBuf::from)
-                    .or_else(|| {
-                        std::env::var_os("HOME")
-                            .map(|h| PathBuf::from(h).join(".cache/outbox-services"))
-                    })
-                    .unwrap_or_default();
-                base.join("venv/bin/moto_server")
-            }
-        };
-        if !bin.is_file() {
-            return Ok(None);
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| Error::unexpected("finding a free port").with_source(e))?
-            .port();
-        let log = logs.join("moto.log");
-        let file = File::create(&log)
-            .map_err(|e| Error::unexpected("creating the moto log").with_source(e))?;
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(file))
-            .spawn()
-            .map_err(|e| Error::unexpected(format!("starting {}", bin.display())).with_source(e))?;
-        let mut moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let end = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = moto.child.try_wait() {
-                return Err(Error::unavailable(format!(
-                    "moto exited ({status}): {}",
-                    tail(&log, 10)
-                )));
-            }
-            if Instant::now() > end {
-                return Err(Error::unavailable("moto did not listen within 60 s"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Ok(Some(moto))
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

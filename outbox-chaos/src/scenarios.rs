@@ -141,7 +141,7 @@ impl Ctx {
     /// gigabytes and slows down under relay load, so each scenario gets a new one); keeps the
     /// shared endpoint when no moto is installed. Returns the server and a note.
     async fn private_moto(&mut self) -> Result<(Option<crate::procs::Moto>, String)> {
-        let moto = crate::procs::Moto::start(&self.logs).await?;
+        let moto = crate::procs::Moto::start(&self.logs.join("moto.log")).await?;
         Ok(match moto {
             Some(m) => {
                 self.services.dynamodb = m.endpoint.clone();
