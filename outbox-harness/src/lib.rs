@@ -89,11 +89,9 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// The moto executable: `OUTBOX_MOTO_SERVER` when set, else the one `scripts/services.sh`
-    /// installed (`$OUTBOX_SERVICES_DIR`, default `~/.cache/outbox-services`, then
-    /// `venv/bin/moto_server_serial`, which serves one request at a time so that conditional
-    /// writes are atomic as on DynamoDB; `venv/bin/moto_server` when only that exists).
-    /// `None` when there is none.
+    /// The `moto_server` executable: `OUTBOX_MOTO_SERVER` when set, else the one
+    /// `scripts/services.sh` installed (`$OUTBOX_SERVICES_DIR`, default
+    /// `~/.cache/outbox-services`, then `venv/bin/moto_server`). `None` when there is none.
     pub fn executable() -> Option<PathBuf> {
         let bin = match std::env::var_os("OUTBOX_MOTO_SERVER") {
             Some(p) => PathBuf::from(p),
@@ -103,14 +101,9 @@ impl Moto {
                     std::env::var_os("HOME")
                         .map(|h| PathBuf::from(h).join(".cache/outbox-services"))
                 })?
-                .join("venv/bin/moto_server_serial"),
+                .join("venv/bin/moto_server"),
         };
-        if bin.is_file() {
-            return Some(bin);
-        }
-        // An older installation without the serial launcher.
-        let threaded = bin.with_file_name("moto_server");
-        threaded.is_file().then_some(threaded)
+        bin.is_file().then_some(bin)
     }
 
     /// Start a fresh server on a free port, its stderr in `log`, and wait until it listens
