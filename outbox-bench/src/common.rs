@@ -10,7 +10,7 @@ use outbox_core::{Error, Message, OutboxStore, Producer, Result};
 use outbox_kafka::{KafkaConfig, KafkaProducer};
 use outbox_postgres::{PgConfig, PgStore};
 use outbox_rabbitmq::{
-    ConnectionConfig, ProducerConfig, RabbitMqProducer, Topology, declare_topology, delete_topology,
+    ProducerConfig, RabbitMqProducer, Topology, declare_topology, delete_topology,
 };
 
 use crate::report::Report;
@@ -197,29 +197,24 @@ pub async fn pg_exec(store: &PgStore, sql: String) -> Result<()> {
     Ok(())
 }
 
-/// The RabbitMQ connection settings.
-pub fn amqp(ctx: &Ctx) -> Result<ConnectionConfig> {
-    ctx.services.amqp()
-}
-
 /// A topic exchange and quorum queue bound with `#`, declared; delete with
 /// [`delete_topology`].
 pub async fn rabbit_topology(ctx: &mut Ctx) -> Result<Topology> {
     let name = ctx.name("x");
     let topology = Topology::new(name.clone(), format!("{name}_q"));
-    declare_topology(&amqp(ctx)?, &topology).await?;
+    declare_topology(&ctx.services.amqp()?, &topology).await?;
     Ok(topology)
 }
 
 /// Remove a topology this run declared.
 pub async fn drop_topology(ctx: &Ctx, topology: &Topology) -> Result<()> {
-    delete_topology(&amqp(ctx)?, topology).await
+    delete_topology(&ctx.services.amqp()?, topology).await
 }
 
 /// The library's RabbitMQ producer to `exchange`, its confirm timeout within the relay's
 /// default publish timeout.
 pub fn rabbit_producer(ctx: &Ctx, exchange: &str) -> Result<Arc<dyn Producer>> {
-    let mut config = ProducerConfig::new(amqp(ctx)?, exchange);
+    let mut config = ProducerConfig::new(ctx.services.amqp()?, exchange);
     config.confirm_timeout = Duration::from_secs(9);
     Ok(Arc::new(RabbitMqProducer::new(config)?))
 }

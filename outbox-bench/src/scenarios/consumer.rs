@@ -19,8 +19,8 @@ use outbox_rabbitmq::{ConsumerConfig, RabbitMqConsumer, declare_topology};
 use crate::backends::{Backend, PgBackend};
 use crate::cli::{Case, Word, case_label};
 use crate::common::{
-    Ctx, Series, amqp, drop_topics, drop_topology, kafka_config, kafka_producer, kafka_topic,
-    messages, pg_exec, rabbit_producer, rate,
+    Ctx, Series, drop_topics, drop_topology, kafka_config, kafka_producer, kafka_topic, messages,
+    pg_exec, rabbit_producer, rate,
 };
 use crate::layers::CountingConsumer;
 use crate::stats;
@@ -84,9 +84,10 @@ async fn measure(ctx: &mut Ctx, case: Case, backend: &PgBackend) -> Result<()> {
     // once; each run adds its messages and is timed from its first delivery to its last ack.
     let (source, producer, topic) = source(ctx, case).await?;
     let consumer: Box<dyn Consumer> = match &source {
-        Source::Rabbit(t) => {
-            Box::new(RabbitMqConsumer::connect(ConsumerConfig::from_topology(amqp(ctx)?, t)).await?)
-        }
+        Source::Rabbit(t) => Box::new(
+            RabbitMqConsumer::connect(ConsumerConfig::from_topology(ctx.services.amqp()?, t))
+                .await?,
+        ),
         Source::Kafka(topic) => Box::new(KafkaConsumer::new(
             // A topic created a moment ago: look it up again soon rather than in 5 minutes.
             &kafka_config(ctx)
@@ -187,7 +188,7 @@ async fn source(ctx: &mut Ctx, case: Case) -> Result<(Source, Arc<dyn Producer>,
         [_, Word::Rabbitmq] => {
             let name = ctx.name("cx");
             let t = outbox_rabbitmq::Topology::new(name.clone(), format!("{name}_q"));
-            declare_topology(&amqp(ctx)?, &t).await?;
+            declare_topology(&ctx.services.amqp()?, &t).await?;
             let p = rabbit_producer(ctx, &t.exchange)?;
             (Source::Rabbit(t), p, "bench.consume".to_owned())
         }
