@@ -16,6 +16,7 @@
 # in-memory backend are embedded and need nothing. Logs and pids go to $OUTBOX_SERVICES_DIR.
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BASE=${OUTBOX_SERVICES_DIR:-$HOME/.cache/outbox-services}
 LOGS=$BASE/logs
 VENV=$BASE/venv
@@ -120,19 +121,23 @@ ensure_rabbitmq() {
   export_env OUTBOX_TEST_RABBITMQ_URL "amqp://guest:guest@127.0.0.1:5672/%2f"
 }
 
-# moto leaks memory over long use (several GB). A moto this script started (its pid file) and
-# that has grown past the limit is restarted here, before any test uses it.
+# A moto this script started (its pid file) is restarted here, before any test uses it, when it
+# is not moto_server_atomic, runs an older version of it, or has grown past the limit (moto
+# keeps every stream record and leaks memory over long use).
 MOTO_MAX_RSS_KB=${OUTBOX_MOTO_MAX_RSS_KB:-1500000}
 restart_bloated_moto() {
   local pid rss
   pid=$(cat "$BASE/moto.pid" 2>/dev/null) || return 0
   [ -n "$pid" ] && grep -qs moto_server "/proc/$pid/cmdline" || return 0
   rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null)
-  if grep -qs moto_server_atomic "/proc/$pid/cmdline"; then
-    [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ] || return 0
+  if ! grep -qs moto_server_atomic "/proc/$pid/cmdline"; then
+    log "dynamodb: our moto (pid $pid) is a plain moto_server (writes not atomic); restarting it"
+  elif [ "$VENV/bin/moto_server_atomic" -nt "$BASE/moto.pid" ]; then
+    log "dynamodb: our moto (pid $pid) runs an older moto_server_atomic; restarting it"
+  elif [ -n "$rss" ] && [ "$rss" -gt "$MOTO_MAX_RSS_KB" ]; then
     log "dynamodb: our moto (pid $pid) uses ${rss} kB; restarting it"
   else
-    log "dynamodb: our moto (pid $pid) is a plain moto_server (writes not atomic); restarting it"
+    return 0
   fi
   kill "$pid" 2>/dev/null || true
   local end=$((SECONDS + 10))
@@ -142,52 +147,25 @@ restart_bloated_moto() {
   rm -f "$BASE/moto.pid"
 }
 
-# moto_server answers each request on a thread of its own, and moto's backends take no locks:
-# two conditional writes on one item can then both succeed (seen: two of 32 concurrent lease
-# acquirers won), which real DynamoDB never allows. moto_server_atomic still accepts
-# connections on many threads (a slow request never stalls a connect), but runs one request
-# at a time behind a lock, so every request is atomic, as on DynamoDB. (Serving one
-# connection at a time instead made clients time out connecting behind a slow transaction.)
+# moto_server_atomic (scripts/moto_server_atomic.py): moto_server answering one request at a
+# time, with failed transactions undone item by item (the file says why).
+# Rewritten only when it changed, so that a moto started before the change is restarted.
 moto_atomic_launcher() {
-  cat >"$VENV/bin/moto_server_atomic.tmp" <<PY
-#!$VENV/bin/python3
-# moto_server, one request at a time behind a lock (written by scripts/services.sh).
-import sys
-import threading
-
-import moto.server as server
-
-_run = server.run_simple
-_lock = threading.Lock()
-
-
-def _atomic(app):
-    def wsgi(environ, start_response):
-        with _lock:
-            return list(app(environ, start_response))
-
-    return wsgi
-
-
-def _run_atomic(host, port, app, *args, **kwargs):
-    return _run(host, port, _atomic(app), *args, **kwargs)
-
-
-server.run_simple = _run_atomic
-sys.exit(server.main())
-PY
-  chmod +x "$VENV/bin/moto_server_atomic.tmp"
-  mv "$VENV/bin/moto_server_atomic.tmp" "$VENV/bin/moto_server_atomic"
+  local bin=$VENV/bin/moto_server_atomic
+  { printf '#!%s\n' "$VENV/bin/python3"; cat "$HERE/moto_server_atomic.py"; } >"$bin.tmp"
+  if cmp -s "$bin.tmp" "$bin"; then rm -f "$bin.tmp"; return; fi
+  chmod +x "$bin.tmp"
+  mv "$bin.tmp" "$bin"
 }
 
 ensure_dynamodb() {
   local url="http://127.0.0.1:$DYNAMODB_PORT"
+  python_venv
   restart_bloated_moto
   if curl -sf -o /dev/null "$url/moto-api/"; then
     log "dynamodb: moto already running on $url"
   else
     port_open "$DYNAMODB_PORT" && die "dynamodb: port $DYNAMODB_PORT is taken by something that is not moto"
-    python_venv
     log "dynamodb: starting moto on $url"
     spawn moto "$VENV/bin/moto_server_atomic" -H 127.0.0.1 -p "$DYNAMODB_PORT"
     wait_for 60 "moto" curl -sf -o /dev/null "$url/moto-api/"
