@@ -202,10 +202,12 @@ pub fn encode(message: &Message, cloud_events: Option<&CloudEvents>) -> Result<B
     Ok(props.with_headers(headers))
 }
 
-/// A header value as text: strings as they are, numbers and booleans formatted.
+/// A header value as text: strings as they are, numbers and booleans formatted. A long
+/// string that is not UTF-8 has no text ([`decode`] refuses such a message first, see
+/// [`check_utf8`]).
 fn text(value: &AMQPValue) -> Option<String> {
     Some(match value {
-        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.to_owned(),
         AMQPValue::ShortString(s) => s.as_str().to_owned(),
         AMQPValue::Boolean(b) => b.to_string(),
         AMQPValue::ShortShortInt(n) => n.to_string(),
@@ -243,17 +245,43 @@ fn micros(field: &str, value: &AMQPValue) -> Result<DateTime<Utc>> {
         .ok_or_else(|| Error::invalid_input(format!("header {field} is not a timestamp")))
 }
 
+/// `InvalidInput` naming the header when a string value in `headers` (nested arrays and
+/// tables included) is not UTF-8: header values are text in a [`Message`], and replacing the
+/// bytes would hand the consumer something no producer sent.
+fn check_utf8(headers: &FieldTable) -> Result<()> {
+    fn check(name: &str, value: &AMQPValue) -> Result<()> {
+        match value {
+            AMQPValue::LongString(s) if std::str::from_utf8(s.as_bytes()).is_err() => Err(
+                Error::invalid_input(format!("header {name} is not valid UTF-8")),
+            ),
+            AMQPValue::FieldArray(items) => {
+                items.as_slice().iter().try_for_each(|v| check(name, v))
+            }
+            AMQPValue::FieldTable(table) => table
+                .inner()
+                .iter()
+                .try_for_each(|(inner, v)| check(&format!("{name}.{}", inner.as_str()), v)),
+            _ => Ok(()),
+        }
+    }
+    headers
+        .inner()
+        .iter()
+        .try_for_each(|(name, value)| check(name.as_str(), value))
+}
+
 /// The message carried by an AMQP message (the inverse of [`encode`]). Messages published
 /// by other clients decode too, as long as they carry a UUID `message_id`: the topic falls
 /// back to the routing key and the creation time to the `timestamp` property.
 ///
 /// # Errors
 /// [`ErrorKind::InvalidInput`](outbox_core::ErrorKind::InvalidInput) when the message id is
-/// missing or not a UUID, or a header of ours is malformed.
+/// missing or not a UUID, a header of ours is malformed, or a header value is not UTF-8.
 #[doc(hidden)]
 pub fn decode(props: &BasicProperties, payload: &[u8], routing_key: &str) -> Result<Message> {
     let empty = FieldTable::default();
     let headers = props.headers().as_ref().unwrap_or(&empty);
+    check_utf8(headers)?;
     let get = |name: &str| headers.inner().get(name);
     let get_text = |name: &str| get(name).and_then(text);
 

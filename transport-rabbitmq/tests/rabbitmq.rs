@@ -8,9 +8,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{kill_connections, msg};
+use common::{Isolated, kill_connections, msg};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::AMQPValue;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use outbox_core::memory::{MemoryStore, MemoryTx};
 use outbox_core::{
@@ -266,11 +266,9 @@ async fn dead_letter_with_reason_after_n_failures() {
     assert_eq!(effects, HashMap::from([(good[0].id, 1), (good[1].id, 1)]));
 }
 
-/// A message without a UUID message id (published by some other client) cannot become a
-/// `Message`: the consumer dead-letters it with the decoding error and goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn undecodable_message_is_dead_lettered() {
-    let iso = isolated!("raw");
+/// Publish `body` with `props` straight through lapin (as another client would) on a
+/// channel of its own, which is returned for reading the dead-letter queue.
+async fn publish_raw(iso: &Isolated, props: BasicProperties, body: &[u8]) -> lapin::Channel {
     let conn = Connection::connect(iso.connection.url.expose(), ConnectionProperties::default())
         .await
         .unwrap();
@@ -282,13 +280,22 @@ async fn undecodable_message_is_dead_lettered() {
         iso.topology.exchange.as_str().into(),
         iso.topic().into(),
         BasicPublishOptions::default(),
-        b"foreign",
-        BasicProperties::default().with_message_id("not-a-uuid".into()),
+        body,
+        props,
     )
     .await
     .unwrap()
     .await
     .unwrap();
+    ch
+}
+
+/// A good message published after the raw one is the next delivery (the raw one was
+/// skipped), and the raw one is in the dead-letter queue: its delivery and the reason.
+async fn skipped_to_dead_letters(
+    iso: &Isolated,
+    ch: &lapin::Channel,
+) -> (lapin::message::Delivery, String) {
     let good = msg(iso.topic(), "k", "ok");
     iso.producer().send(&good).await.unwrap();
     let c = iso.consumer().await.unwrap();
@@ -301,7 +308,6 @@ async fn undecodable_message_is_dead_lettered() {
         .await
         .unwrap()
         .expect("the foreign message in the dead-letter queue");
-    assert_eq!(got.delivery.data, b"foreign");
     let reason = match &got.delivery.properties.headers().as_ref().unwrap().inner()
         [outbox_rabbitmq::HEADER_DEAD_LETTER_REASON]
     {
@@ -309,7 +315,52 @@ async fn undecodable_message_is_dead_lettered() {
         other => panic!("reason header {other:?}"),
     };
     assert!(reason.starts_with("undecodable message"), "{reason}");
+    (got.delivery, reason)
+}
+
+/// A message without a UUID message id (published by some other client) cannot become a
+/// `Message`: the consumer dead-letters it with the decoding error and goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_message_is_dead_lettered() {
+    let iso = isolated!("raw");
+    let props = BasicProperties::default().with_message_id("not-a-uuid".into());
+    let ch = publish_raw(&iso, props, b"foreign").await;
+    let (dead, reason) = skipped_to_dead_letters(&iso, &ch).await;
+    assert_eq!(dead.data, b"foreign");
     assert!(reason.contains("not-a-uuid"), "{reason}");
+}
+
+/// A header value that is not UTF-8 is refused, not rewritten: the message is dead-lettered
+/// with a reason naming the header and its bytes kept as they were, and the consumer goes on.
+/// (Replacing the bytes would hand the handler a value no producer sent.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_header_value_is_dead_lettered_not_rewritten() {
+    let iso = isolated!("raw_utf8");
+    let id = outbox_core::MessageId::new().to_string();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(vec![b'a', 0xff, 0xfe].into()),
+    );
+    let props = BasicProperties::default()
+        .with_message_id(id.as_str().into())
+        .with_headers(headers);
+    let ch = publish_raw(&iso, props, b"payload").await;
+    let (dead, reason) = skipped_to_dead_letters(&iso, &ch).await;
+    assert!(
+        reason.contains("header tenant is not valid UTF-8"),
+        "{reason}"
+    );
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(id.as_str())
+    );
+    let kept = &dead.properties.headers().as_ref().unwrap().inner()["tenant"];
+    assert_eq!(
+        kept,
+        &AMQPValue::LongString(vec![b'a', 0xff, 0xfe].into()),
+        "bytes kept"
+    );
 }
 
 /// Unroutable (no binding for the routing key) and a missing exchange are permanent
