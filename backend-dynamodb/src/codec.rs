@@ -70,6 +70,11 @@ pub(crate) const TABLE_META_PK: &str = "#table";
 pub(crate) const QUEUE_PREFIX: &str = "q#";
 /// Prefix of id guard items (`m#<id>`).
 pub(crate) const GUARD_PREFIX: &str = "m#";
+/// Prefix of wake-up items (`w#<shard>`). `requeue` puts one per shard it made messages
+/// pending in, so that the table's stream carries an `INSERT` for the shard: the requeue
+/// itself is a `MODIFY`, which the stream listener ignores (dispatching is one too). They
+/// expire through the table's TTL.
+pub(crate) const WAKE_PREFIX: &str = "w#";
 
 /// Item of the outbox table.
 pub(crate) type Item = HashMap<String, AttributeValue>;
@@ -103,6 +108,25 @@ pub(crate) fn queue_pk(shard: u32) -> String {
 /// The shard of a queue partition key (`None` for any other item).
 pub(crate) fn shard_of_pk(pk: &str) -> Option<u32> {
     pk.strip_prefix(QUEUE_PREFIX)?.parse().ok()
+}
+
+/// The shard named by a wake-up item's partition key (`None` for any other item).
+pub(crate) fn shard_of_wake_pk(pk: &str) -> Option<u32> {
+    pk.strip_prefix(WAKE_PREFIX)?.parse().ok()
+}
+
+/// A wake-up item for `shard`: a new sort key each time (the time in microseconds and 20
+/// random bits), so that its put is an `INSERT`; `ttl` is when DynamoDB may delete it.
+pub(crate) fn wake_item(shard: u32, now: DateTime<Utc>, ttl: i64) -> Item {
+    let nonce = MessageId::new().as_uuid().as_u128() & 0xF_FFFF;
+    let mut item = Item::new();
+    item.insert(PK.into(), s(format!("{WAKE_PREFIX}{shard}")));
+    item.insert(
+        SK.into(),
+        n(format!("{}{nonce:07}", now.timestamp_micros().max(0))),
+    );
+    item.insert(TTL.into(), n(ttl.max(0)));
+    item
 }
 
 /// Partition key of a message's id guard.

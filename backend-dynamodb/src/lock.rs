@@ -4,15 +4,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
-use aws_sdk_dynamodb::types::ReturnValue;
+use aws_sdk_dynamodb::types::{ReturnConsumedCapacity, ReturnValue};
 use outbox_core::{
     DateTime, DistributedLock, Error, ErrorKind, Lease, Result, SharedClock, Utc, add_duration,
 };
 
 use crate::codec::{EXPIRES, Item, OWNER, PK, TOKEN, get_n, get_s, micros, n, s};
-use crate::error::parse_error;
+use crate::meter::{CostMeter, Units};
+use crate::request::{Meta, send, send_conditional};
 
 /// Leases with fencing tokens, one item per resource in the lock table.
 ///
@@ -34,6 +34,7 @@ pub struct DynamoDbLock {
     client: Client,
     table: String,
     clock: SharedClock,
+    meter: CostMeter,
 }
 
 impl std::fmt::Debug for DynamoDbLock {
@@ -92,23 +93,45 @@ fn lease_from(resource: &str, item: Option<&Item>) -> Result<Lease> {
 impl DynamoDbLock {
     /// A lock on `table` (created by [`DynamoDbStore::create_tables`](crate::DynamoDbStore::create_tables)),
     /// judging expiry by `clock`.
+    ///
+    /// Its requests are counted on a meter of its own; [`DynamoDbStore::lock`](crate::DynamoDbStore::lock)
+    /// counts them on the store's ([`DynamoDbStore::meter`](crate::DynamoDbStore::meter)).
     pub fn new(client: Client, table: impl Into<String>, clock: SharedClock) -> Self {
         DynamoDbLock {
             client,
             table: table.into(),
             clock,
+            meter: CostMeter::default(),
         }
     }
 
+    /// The same lock, counting its requests on `meter` (as `lock_acquire`, `lock_renew`,
+    /// `lock_release`, `lock_current`).
+    pub fn with_meter(mut self, meter: CostMeter) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// The meter this lock counts its requests on.
+    pub fn meter(&self) -> &CostMeter {
+        &self.meter
+    }
+
+    /// A conditional update of one lease item (under 1 KB: 1 WCU, also when the condition
+    /// fails); `None` when the condition failed.
     async fn conditional(
         &self,
+        op: &'static str,
         req: aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder,
     ) -> Result<Option<UpdateItemOutput>> {
-        match req.send().await {
-            Ok(o) => Ok(Some(o)),
-            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(None),
-            Err(e) => Err(parse_error(e)),
-        }
+        send_conditional(
+            &self.meter,
+            op,
+            req.return_consumed_capacity(ReturnConsumedCapacity::Total)
+                .send(),
+            Units::write(1.0),
+        )
+        .await
     }
 }
 
@@ -138,7 +161,7 @@ impl DistributedLock for DynamoDbLock {
             .expression_attribute_values(":now", micros(now))
             .expression_attribute_values(":one", n(1))
             .return_values(ReturnValue::AllNew);
-        if let Some(out) = self.conditional(take).await? {
+        if let Some(out) = self.conditional("lock_acquire", take).await? {
             return lease_from(resource, out.attributes()).map(Some);
         }
         // Held: by us (a renew with the same token) or by someone else.
@@ -155,7 +178,7 @@ impl DistributedLock for DynamoDbLock {
             .expression_attribute_values(":e", micros(expires))
             .expression_attribute_values(":now", micros(now))
             .return_values(ReturnValue::AllNew);
-        match self.conditional(renew).await? {
+        match self.conditional("lock_acquire", renew).await? {
             Some(out) => lease_from(resource, out.attributes()).map(Some),
             None => Ok(None),
         }
@@ -180,7 +203,7 @@ impl DistributedLock for DynamoDbLock {
             .expression_attribute_values(":t", n(lease.token))
             .expression_attribute_values(":e", micros(expires))
             .return_values(ReturnValue::AllNew);
-        match self.conditional(req).await? {
+        match self.conditional("lock_renew", req).await? {
             Some(out) => lease_from(&lease.resource, out.attributes()),
             None => Err(lease_lost(
                 lease,
@@ -205,7 +228,7 @@ impl DistributedLock for DynamoDbLock {
             .expression_attribute_values(":o", s(&lease.owner))
             .expression_attribute_values(":t", n(lease.token))
             .expression_attribute_values(":zero", n(0));
-        match self.conditional(req).await? {
+        match self.conditional("lock_release", req).await? {
             Some(_) => Ok(()),
             None => Err(lease_lost(
                 lease,
@@ -216,15 +239,19 @@ impl DistributedLock for DynamoDbLock {
 
     async fn current(&self, resource: &str) -> Result<Option<Lease>> {
         check("resource", resource)?;
-        let out = self
+        let req = self
             .client
             .get_item()
             .table_name(&self.table)
             .key(PK, s(resource))
             .consistent_read(true)
-            .send()
-            .await
-            .map_err(parse_error)?;
+            .return_consumed_capacity(ReturnConsumedCapacity::Total)
+            .send();
+        // A lease item is under 4 KB: 1 RCU, strongly consistent.
+        let out = send(&self.meter, Meta::read("lock_current"), req, |_| {
+            Units::read(1.0)
+        })
+        .await?;
         let now = self.clock.now().timestamp_micros();
         match out.item() {
             Some(item) if get_s(item, OWNER).is_some() => {

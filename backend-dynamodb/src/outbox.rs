@@ -1,7 +1,7 @@
 //! `OutboxStore` for [`DynamoDbStore`]: adds go through the unit of work ([`crate::uow`]),
 //! reads of the queues through [`crate::queue`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -30,6 +30,8 @@ use crate::store::{BATCH_ATTEMPTS, BATCH_WRITE_LIMIT, DynamoDbStore, MAX_MESSAGE
 
 /// Size added to a queue item by `mark_dispatched` (`dd`, `ttl`, the longer status).
 const DISPATCH_GROWTH: usize = 2 + 9 + 3 + 6 + 4;
+/// How long a wake-up item of `requeue` is kept (its TTL; DynamoDB deletes it some time after).
+const WAKE_TTL: Duration = Duration::from_secs(3600);
 
 impl DynamoDbStore {
     /// The queue item of message `id` at `(shard, slot)`, strongly consistent; `None` if the
@@ -112,6 +114,37 @@ impl DynamoDbStore {
         )
         .await?
         .is_some())
+    }
+
+    /// Put a wake-up item for each of `shards`, so that relays woken by the table's stream
+    /// (`StreamListener`, the Lambda handler) look at them now, not at their next poll. A
+    /// failure is only logged: the requeue is done, and polling finds the messages.
+    async fn wake_stream(&self, shards: &BTreeSet<u32>) {
+        let now = self.inner.config.clock.now();
+        let ttl = add_duration(now, WAKE_TTL).timestamp();
+        let results: Vec<Result<()>> = futures::stream::iter(shards.iter().copied())
+            .map(|shard| async move {
+                let req = self
+                    .inner
+                    .client
+                    .put_item()
+                    .table_name(&self.inner.outbox)
+                    .set_item(Some(codec::wake_item(shard, now, ttl)))
+                    .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
+                    .send();
+                send(&self.inner.meter, Meta::write("requeue_wake"), req, |_| {
+                    Units::write(1.0)
+                })
+                .await
+                .map(|_| ())
+            })
+            .buffer_unordered(PARALLEL)
+            .collect()
+            .await;
+        for e in results.into_iter().filter_map(|r| r.err()) {
+            tracing::warn!(error = %e, "requeue: could not wake the stream listeners; \
+                relays find the requeued messages at their next poll");
+        }
     }
 
     /// Full-table scan (operators' views: `list`, `purge_dispatched`), strongly consistent.
@@ -453,12 +486,16 @@ impl OutboxStore for DynamoDbStore {
                     .collect()
             }
         };
-        let done: Vec<bool> = futures::stream::iter(targets)
-            .map(|(id, shard, slot)| async move { self.requeue_at(&id, shard, slot).await })
+        let done: Vec<Option<u32>> = futures::stream::iter(targets)
+            .map(|(id, shard, slot)| async move {
+                Ok::<_, Error>(self.requeue_at(&id, shard, slot).await?.then_some(shard))
+            })
             .buffer_unordered(PARALLEL)
             .try_collect()
             .await?;
-        Ok(done.into_iter().filter(|d| *d).count() as u64)
+        let shards: BTreeSet<u32> = done.iter().flatten().copied().collect();
+        self.wake_stream(&shards).await;
+        Ok(done.iter().flatten().count() as u64)
     }
 
     async fn stats(&self) -> Result<OutboxStats> {

@@ -195,6 +195,7 @@ impl DynamoDbStore {
             self.inner.locks.clone(),
             self.inner.config.clock.clone(),
         )
+        .with_meter(self.inner.meter.clone())
     }
 
     /// Open a unit of work (same as [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin),

@@ -39,9 +39,14 @@ pub fn local_streams_client(endpoint: &str) -> StreamsClient {
 }
 
 /// The outbox shard named by a stream record's keys, if the record is a message's queue item
-/// (`pk = q#<shard>`, `sk` below the meta slot).
+/// (`pk = q#<shard>`, `sk` below the meta slot) or a wake-up item that `requeue` wrote
+/// (`pk = w#<shard>`).
 pub fn shards_in_keys(pk: Option<&str>, sk: Option<&str>) -> Option<u32> {
-    let shard = shard_of_pk(pk?)?;
+    let pk = pk?;
+    if let Some(shard) = crate::codec::shard_of_wake_pk(pk) {
+        return Some(shard);
+    }
+    let shard = shard_of_pk(pk)?;
     let slot: u64 = sk?.parse().ok()?;
     (slot != META_SLOT).then_some(shard)
 }

@@ -236,3 +236,46 @@ async fn cost_per_message_against_brighter() {
         println!("\nBrighter, {payload} B: {terms}");
     }
 }
+
+/// The store's lock counts its requests on the store's meter: a lease item is under 1 KB, so
+/// every conditional write is 1 WCU, applied or not (a lost race costs too), and a strongly
+/// consistent `current` is 1 RCU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_requests_are_metered_on_the_stores_meter() {
+    use outbox_core::DistributedLock;
+    let Some(ep) = endpoint_or_skip("cost_leases") else {
+        return;
+    };
+    let config = DynamoDbConfig::new(format!("cost_leases_{}_", fastrand::u32(..)));
+    let (store, _t) = store_with(&ep, config).await.unwrap();
+    let lock = store.lock();
+    let meter = store.meter();
+    meter.take();
+    let ttl = Duration::from_secs(30);
+    let lease = lock.acquire("r", "a", ttl).await.unwrap().unwrap();
+    // Held by "a": "b" fails the take and the extend-my-own condition, two requests.
+    assert!(lock.acquire("r", "b", ttl).await.unwrap().is_none());
+    let lease = lock.renew(&lease, ttl).await.unwrap();
+    assert!(lock.current("r").await.unwrap().is_some());
+    lock.release(&lease).await.unwrap();
+    let costs = meter.take();
+    let got = |op: &str| costs.get(op).copied().unwrap_or_default();
+    let acquire = got("lock_acquire");
+    assert_eq!(
+        (acquire.requests, acquire.failed_conditions, acquire.wcu),
+        (3, 2, 3.0),
+        "{costs:?}"
+    );
+    assert_eq!(
+        (got("lock_renew").requests, got("lock_renew").wcu),
+        (1, 1.0)
+    );
+    assert_eq!(
+        (got("lock_release").requests, got("lock_release").wcu),
+        (1, 1.0)
+    );
+    assert_eq!(
+        (got("lock_current").requests, got("lock_current").rcu),
+        (1, 1.0)
+    );
+}

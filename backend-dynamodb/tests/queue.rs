@@ -11,8 +11,8 @@ use common::{endpoint_or_skip, store_with};
 use outbox_core::memory::MemoryBroker;
 use outbox_core::relay::{Relay, RelayConfig};
 use outbox_core::{
-    CancellationToken, Clock, ErrorKind, FailedAttempt, ListQuery, ManualClock, Message,
-    MessageStatus, Ordering, OutboxStore, PendingQuery, RequeueFilter, shard_for,
+    CancellationToken, Clock, ErrorKind, FailedAttempt, FailureOutcome, ListQuery, ManualClock,
+    Message, MessageStatus, Ordering, OutboxStore, PendingQuery, RequeueFilter, shard_for,
 };
 use outbox_dynamodb::aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
@@ -318,6 +318,53 @@ async fn the_stream_listener_wakes_the_relay_for_exactly_the_new_shards() {
     // Dispatching (a MODIFY) wakes nothing.
     store.mark_dispatched(&[m.id]).await.unwrap();
     assert!(listener.poll_once().await.unwrap().is_empty());
+    // Parking (a MODIFY) wakes nothing; requeueing wakes the shard (its wake-up item), so a
+    // relay woken only by the stream publishes a requeued message without a poll.
+    let parked = msg("stream-key");
+    store.add(&parked).await.unwrap();
+    assert_eq!(
+        listener
+            .poll_once()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![shard]
+    );
+    let outcome = store
+        .mark_failed(
+            parked.id,
+            &FailedAttempt {
+                error: "broken".into(),
+                next_attempt_at: chrono::Utc::now(),
+                max_attempts: 1,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcome, FailureOutcome::Parked { .. }),
+        "{outcome:?}"
+    );
+    assert!(listener.poll_once().await.unwrap().is_empty());
+    let requeued = store
+        .requeue(&RequeueFilter::Ids(vec![parked.id]))
+        .await
+        .unwrap();
+    assert_eq!(requeued, 1);
+    assert_eq!(
+        listener
+            .poll_once()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![shard],
+        "a requeue wakes its shard"
+    );
+    // The wake-up item is not a message: nothing else became pending.
+    assert_eq!(store.stats().await.unwrap().pending, 1);
+    store.mark_dispatched(&[parked.id]).await.unwrap();
 
     // A running relay that polls once an hour publishes a new message when woken.
     let broker = MemoryBroker::new();

@@ -36,6 +36,11 @@ struct PerMsg {
     rcu: f64,
 }
 
+/// Whether a metered operation is one of the lease table's (`DynamoDbLock`'s).
+fn is_lease(op: &str) -> bool {
+    op.starts_with("lock_")
+}
+
 fn per_msg(costs: &BTreeMap<&'static str, OpCost>, n: usize, only: Option<&[&str]>) -> PerMsg {
     let n = n.max(1) as f64;
     let mut t = PerMsg::default();
@@ -170,12 +175,10 @@ async fn measure(
     )?;
     meter.take();
     let mut published = 0;
-    let mut batches = 0;
     let start = Instant::now();
     while published < total as u64 {
         let report = relay.run_once().await?;
         published += report.published;
-        batches += report.batches;
         if start.elapsed() > Duration::from_secs(120) {
             return Err(Error::unavailable(
                 "dynamodb-cost: relay did not dispatch everything",
@@ -184,11 +187,12 @@ async fn measure(
     }
     let relay_costs = meter.take();
     let dispatch = per_msg(&relay_costs, total, Some(&["mark_dispatched"]));
-    let reads_only: BTreeMap<_, _> = relay_costs
+    let (lease_costs, reads_only): (BTreeMap<_, _>, BTreeMap<_, _>) = relay_costs
         .into_iter()
         .filter(|(op, _)| *op != "mark_dispatched")
-        .collect();
+        .partition(|(op, _)| is_lease(op));
     let reads = per_msg(&reads_only, total, None);
+    let leases = per_msg(&lease_costs, total, None);
     let after = get_item(backend, &def, &probe).await?;
 
     // Idle: a running relay with nothing to do (measured at 1 KiB; it does not depend on
@@ -209,15 +213,36 @@ async fn measure(
         tokio::time::sleep(Duration::from_millis(500)).await; // leases taken
         meter.take();
         tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-        let c = per_msg(&meter.take(), 1, None);
+        let costs = meter.take();
         shutdown.cancel();
         task.await
             .map_err(|e| Error::unexpected("relay task failed").with_source(e))??;
-        Some(PerMsg {
-            requests: c.requests * 60.0 / secs,
-            wcu: c.wcu * 60.0 / secs,
-            rcu: c.rcu * 60.0 / secs,
-        })
+        let per_minute = |m: PerMsg| PerMsg {
+            requests: m.requests * 60.0 / secs,
+            wcu: m.wcu * 60.0 / secs,
+            rcu: m.rcu * 60.0 / secs,
+        };
+        let (lease_ops, store_ops): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            costs.into_iter().partition(|(op, _)| is_lease(op));
+        // On paper: every read returns nothing (1 RCU, strongly consistent) and every write
+        // (the cursor items of the queue) is under 1 KB (1 WCU).
+        let (mut read_requests, mut write_requests) = (0.0, 0.0);
+        for c in store_ops.values() {
+            if c.wcu > 0.0 {
+                write_requests += c.requests as f64;
+            } else {
+                read_requests += c.requests as f64;
+            }
+        }
+        Some((
+            per_minute(per_msg(&store_ops, 1, None)),
+            per_minute(PerMsg {
+                requests: write_requests,
+                wcu: write_requests,
+                rcu: read_requests,
+            }),
+            per_minute(per_msg(&lease_ops, 1, None)),
+        ))
     } else {
         None
     };
@@ -231,10 +256,13 @@ async fn measure(
     let paper_add = dynamo::put_wcu(&def, &before, true) + guard_wcu;
     let paper_uow = paper_add;
     let paper_dispatch = dynamo::update_wcu(&def, &before, &after);
-    // Each message's body, read strongly; every read request but one BatchGetItem per
-    // batch is a Query, billed at least 0.5 RCU.
-    let queries = (reads.requests * total as f64 - batches as f64).max(0.0);
-    let paper_reads = dynamo::rcu(dynamo::size(&before)) + 0.5 * queries / total as f64;
+    // The relay reads each shard's queue with a strongly consistent Query that returns the
+    // message items themselves: a Query is billed by the bytes it returns in 4 KB units,
+    // rounded up, at least 1 RCU (0.5 only for eventually consistent reads). With the
+    // messages spread one per shard, each one costs its own item's units and every other
+    // read request (empty queries, meta items) 1 RCU.
+    let item_rcu = dynamo::rcu(dynamo::size(&before));
+    let paper_reads = (reads.requests - 1.0).max(0.0) + item_rcu;
     let bt = dynamo::brighter_table();
     let (b_before, b_after) = dynamo::brighter_items(&standalone[0]);
     let b_add = dynamo::put_wcu(&bt, &b_before, false);
@@ -277,15 +305,30 @@ async fn measure(
         "relay's reads",
         reads,
         "0".into(),
-        format!("≥ {}", fmt(paper_reads)),
+        format!("≈ {}", fmt(paper_reads)),
         "—".into(),
     );
-    if let Some(idle) = idle {
+    // A lease item is under 1 KB: every conditional write on it is 1 WCU, applied or not.
+    line(
+        "relay's leases (acquire, renew, release)",
+        leases,
+        fmt(leases.requests),
+        "0".into(),
+        "—".into(),
+    );
+    if let Some((store_ops, paper, leases)) = idle {
         line(
-            "idle relay, per minute",
-            idle,
+            "idle relay's queue reads and cursor writes, per minute",
+            store_ops,
+            fmt(paper.wcu),
+            fmt(paper.rcu),
+            "—".into(),
+        );
+        line(
+            "idle relay's leases, per minute",
+            leases,
+            fmt(leases.requests),
             "0".into(),
-            fmt(idle.requests * 0.5),
             "—".into(),
         );
     }
