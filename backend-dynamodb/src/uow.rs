@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{
     ConditionCheck, Delete, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
 use outbox_core::{
-    Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, MessageId, Result,
+    AbortState, Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, MessageId, Result,
     Transaction, add_duration,
 };
 
@@ -63,6 +63,16 @@ struct Plan {
 /// `ErrorKind::ConditionFailed { index }` names if that entry's condition fails at commit.
 /// Messages ([`Transaction::add`]) and inbox entries ([`Transaction::inbox_insert`]) follow
 /// your entries in the transaction. Dropping the unit of work discards everything.
+///
+/// A failed [`add`](Transaction::add), [`add_batch`](Transaction::add_batch) or
+/// [`inbox_insert`](Transaction::inbox_insert) (invalid or oversized message, an id added
+/// twice, too many actions or bytes for one transaction) aborts the unit of work as the
+/// [`Transaction`] contract says: further adds, inbox inserts and
+/// [`commit`](Transaction::commit) are refused with `InvalidInput` naming the first error, and
+/// nothing is written; entries you stage after that are discarded with the rest. DynamoDB
+/// cannot read inside a transaction, so an id that is already stored and an inbox duplicate
+/// show at commit (`AlreadyExists`, nothing written), as
+/// [`Capabilities`](outbox_core::Capabilities) declares.
 pub struct DynamoDbUnitOfWork {
     store: DynamoDbStore,
     caller: Vec<TransactWriteItem>,
@@ -72,6 +82,7 @@ pub struct DynamoDbUnitOfWork {
     message_bytes: usize,
     ids: HashSet<MessageId>,
     token_override: Option<String>,
+    abort: AbortState,
 }
 
 impl std::fmt::Debug for DynamoDbUnitOfWork {
@@ -80,6 +91,7 @@ impl std::fmt::Debug for DynamoDbUnitOfWork {
             .field("caller_entries", &self.caller.len())
             .field("inbox_entries", &self.inbox.len())
             .field("messages", &self.messages.len())
+            .field("aborted", &self.abort.is_aborted())
             .finish()
     }
 }
@@ -136,6 +148,7 @@ impl DynamoDbUnitOfWork {
             message_bytes: 0,
             ids: HashSet::new(),
             token_override: None,
+            abort: AbortState::default(),
         }
     }
 
@@ -258,6 +271,21 @@ impl DynamoDbUnitOfWork {
         }
         self.ids.extend(seen);
         Ok(())
+    }
+
+    /// Stage an inbox entry after checking it and the limits; on error nothing is staged.
+    fn stage_inbox(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
+        crate::inbox::check_entry(entry)?;
+        if self.inbox.contains(entry) {
+            return Ok(InsertOutcome::Duplicate);
+        }
+        self.inbox.push(entry.clone());
+        if let Err(e) = self.check_limits() {
+            self.inbox.pop();
+            return Err(e);
+        }
+        // Duplicates show at commit (AlreadyExists): DynamoDB cannot read inside a transaction.
+        Ok(InsertOutcome::Inserted)
     }
 
     /// Commit: read the tail of each touched shard (strongly consistent), put every message
@@ -579,28 +607,23 @@ fn map_cancellation(roles: &[Role], reasons: CancellationReasons) -> Result<Atte
 #[async_trait]
 impl Transaction for DynamoDbUnitOfWork {
     async fn add(&mut self, message: &Message) -> Result<()> {
-        self.stage(std::slice::from_ref(message))
+        self.add_batch(std::slice::from_ref(message)).await
     }
 
     async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
-        self.stage(messages)
+        self.abort.check()?;
+        let result = self.stage(messages);
+        self.abort.track(result)
     }
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        crate::inbox::check_entry(entry)?;
-        if self.inbox.contains(entry) {
-            return Ok(InsertOutcome::Duplicate);
-        }
-        self.inbox.push(entry.clone());
-        if let Err(e) = self.check_limits() {
-            self.inbox.pop();
-            return Err(e);
-        }
-        // Duplicates show at commit (AlreadyExists): DynamoDB cannot read inside a transaction.
-        Ok(InsertOutcome::Inserted)
+        self.abort.check()?;
+        let result = self.stage_inbox(entry);
+        self.abort.track(result)
     }
 
     async fn commit(self) -> Result<Committed> {
+        self.abort.check()?;
         self.commit_inner().await
     }
 

@@ -128,9 +128,12 @@ fn classify_code(code: &str) -> (ErrorKind, bool, String) {
             "PostgreSQL refused access (authentication, database or privileges)",
         ),
         ("25P02", _) => (
-            ErrorKind::Unexpected,
+            // A call on a transaction that an earlier failed statement aborted: the
+            // `Transaction` contract's refusal (only rollback remains).
+            ErrorKind::InvalidInput,
             false,
-            "the transaction was aborted by an earlier error; roll it back",
+            "the transaction was aborted by an earlier error and can only be rolled back; \
+             nothing of it was written",
         ),
         _ => (ErrorKind::Unexpected, false, "postgres error"),
     };
