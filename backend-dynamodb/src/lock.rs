@@ -90,7 +90,7 @@ fn lease_from(resource: &str, item: Option<&Item>) -> Result<Lease> {
 }
 
 impl DynamoDbLock {
-    /// A lock on `table` (created by [`DynamoDbStore::create_tables`](crate::DynamoDbStore::create_tables)),
+    /// A lock on `table` (created by [`DynamoDbStore::migrate`](crate::DynamoDbStore::migrate)),
     /// judging expiry by `clock`.
     pub fn new(client: Client, table: impl Into<String>, clock: SharedClock) -> Self {
         DynamoDbLock {

@@ -1,4 +1,4 @@
-//! [`DynamoDbUnitOfWork`]: the caller's own `TransactWriteItems` entries, outbox messages and
+//! [`DynamoDbTx`]: the caller's own `TransactWriteItems` entries, outbox messages and
 //! inbox entries, committed in one `TransactWriteItems` call.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -73,7 +73,7 @@ struct Plan {
 /// cannot read inside a transaction, so an id that is already stored and an inbox duplicate
 /// show at commit (`AlreadyExists`, nothing written), as
 /// [`Capabilities`](outbox_core::Capabilities) declares.
-pub struct DynamoDbUnitOfWork {
+pub struct DynamoDbTx {
     store: DynamoDbStore,
     caller: Vec<TransactWriteItem>,
     caller_bytes: usize,
@@ -85,9 +85,9 @@ pub struct DynamoDbUnitOfWork {
     abort: AbortState,
 }
 
-impl std::fmt::Debug for DynamoDbUnitOfWork {
+impl std::fmt::Debug for DynamoDbTx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DynamoDbUnitOfWork")
+        f.debug_struct("DynamoDbTx")
             .field("caller_entries", &self.caller.len())
             .field("inbox_entries", &self.inbox.len())
             .field("messages", &self.messages.len())
@@ -137,9 +137,9 @@ fn entry_size(e: &TransactWriteItem) -> usize {
     }
 }
 
-impl DynamoDbUnitOfWork {
+impl DynamoDbTx {
     pub(crate) fn new(store: DynamoDbStore) -> Self {
-        DynamoDbUnitOfWork {
+        DynamoDbTx {
             store,
             caller: Vec::new(),
             caller_bytes: 0,
@@ -605,7 +605,7 @@ fn map_cancellation(roles: &[Role], reasons: CancellationReasons) -> Result<Atte
 }
 
 #[async_trait]
-impl Transaction for DynamoDbUnitOfWork {
+impl Transaction for DynamoDbTx {
     async fn add(&mut self, message: &Message) -> Result<()> {
         self.add_batch(std::slice::from_ref(message)).await
     }

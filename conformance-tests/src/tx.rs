@@ -303,12 +303,14 @@ async fn assert_store_usable<S: TransactionalStore>(
         .iter()
         .map(|id| crate::support::build(Message::builder("tx-again").id(*id)))
         .collect();
+    // A fresh record name: a case may call this more than once.
+    let record = format!("after-abort-{}", MessageId::new());
     let mut tx = ok(
         f.tx_store.begin().await,
         "begin after an aborted transaction",
     );
     ok(
-        f.records.write(&mut tx, "after-abort").await,
+        f.records.write(&mut tx, &record).await,
         "write business record after an aborted transaction",
     );
     ok(
@@ -325,7 +327,7 @@ async fn assert_store_usable<S: TransactionalStore>(
     for m in &again {
         assert_eq!(get(store, m.id).await.message, *m);
     }
-    assert!(ok(f.records.exists("after-abort").await, "records.exists"));
+    assert!(ok(f.records.exists(&record).await, "records.exists"));
     assert!(ok(f.inbox.contains(entry).await, "inbox.contains"));
 }
 

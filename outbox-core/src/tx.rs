@@ -58,10 +58,11 @@ impl Committed {
 ///    [`rollback`](Self::rollback) succeeds. [`commit`](Self::commit), and every further
 ///    `add`, `add_batch` and `inbox_insert`, fail with [`ErrorKind::InvalidInput`] (not
 ///    retryable) whose message says that an earlier error aborted the transaction and names
-///    that error, and nothing of the transaction is ever written. So a caller that ignores an
-///    error, or retries only the failed call, can never commit a partial unit of work: retry
-///    the whole unit in a new transaction (the first error's `is_retryable()` says whether
-///    that may help). Writes of your own data after the abort are refused where the handle can
+///    that error (after a failed statement of yours on PostgreSQL, which does not say which
+///    one failed, it says just that), and nothing of the transaction is ever written. So a
+///    caller that ignores an error, or retries only the failed call, can never commit a
+///    partial unit of work: retry the whole unit in a new transaction (the first error's
+///    `is_retryable()` says whether that may help). Writes of your own data after the abort are refused where the handle can
 ///    report errors (SQLite's `execute`) and otherwise staged and discarded with the rest.
 /// 3. Some failures can only be detected when the backend writes, at commit: a message id
 ///    that is already stored when
@@ -146,7 +147,7 @@ pub trait Transaction: Send {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct AbortState {
-    /// `"{kind}: {message}"` of the first error.
+    /// The first error, as displayed (kind, message and source).
     first: Option<String>,
 }
 
@@ -160,7 +161,8 @@ impl AbortState {
     /// remembered.
     pub fn abort(&mut self, error: &Error) {
         if self.first.is_none() {
-            self.first = Some(format!("{}: {}", error.kind(), error.message()));
+            // Display: kind, retryability, message and the native source error.
+            self.first = Some(error.to_string());
         }
     }
 

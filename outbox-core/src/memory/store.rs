@@ -996,10 +996,9 @@ mod tests {
             tx.add(&m).await.unwrap_err().kind(),
             ErrorKind::AlreadyExists
         );
-        assert_eq!(
-            tx.commit().await.unwrap_err().kind(),
-            ErrorKind::AlreadyExists
-        );
+        let refused = tx.commit().await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused}");
+        assert!(refused.message().contains(&m.id.to_string()), "{refused}");
         assert!(store.get(fresh.id).await.unwrap().is_none());
         assert_eq!(store.record("r"), None);
     }
