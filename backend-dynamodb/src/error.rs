@@ -23,7 +23,7 @@ use outbox_core::{Error, ErrorKind};
 /// | anything else | `Unexpected` | no |
 ///
 /// `TransactionCanceledException` is mapped entry by entry by the unit of work (see
-/// [`DynamoDbUnitOfWork`](crate::DynamoDbUnitOfWork)); here it becomes `Unexpected` with the
+/// [`DynamoDbTx`](crate::DynamoDbTx)); here it becomes `Unexpected` with the
 /// reasons in the message.
 pub fn parse_error<E>(err: SdkError<E, HttpResponse>) -> Error
 where
@@ -114,7 +114,7 @@ pub(crate) fn classify_code(
         "ResourceNotFoundException" => (
             ErrorKind::ConfigInvalid,
             false,
-            describe("table or index not found; create the tables (DynamoDbStore::create_tables)"),
+            describe("table or index not found; create the tables (DynamoDbStore::migrate)"),
         ),
         "ValidationException" | "ValidationError" | "SerializationException" => (
             ErrorKind::InvalidInput,

@@ -14,7 +14,7 @@ use crate::codec::{self, EXPIRES, PK, SK, TTL, get_n, n, s};
 use crate::meter::{Units, read_units, write_units};
 use crate::request::{Meta, build_err, send, send_conditional};
 use crate::store::DynamoDbStore;
-use crate::uow::DynamoDbUnitOfWork;
+use crate::uow::DynamoDbTx;
 
 /// Check an inbox entry's handler key.
 pub(crate) fn check_entry(entry: &InboxEntry) -> Result<()> {
@@ -116,9 +116,9 @@ impl InboxStore for DynamoDbStore {
 
 #[async_trait]
 impl TransactionalStore for DynamoDbStore {
-    type Tx = DynamoDbUnitOfWork;
+    type Tx = DynamoDbTx;
 
-    async fn begin(&self) -> Result<DynamoDbUnitOfWork> {
+    async fn begin(&self) -> Result<DynamoDbTx> {
         Ok(self.unit_of_work())
     }
 }

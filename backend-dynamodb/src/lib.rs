@@ -34,7 +34,7 @@ pub use store::{
     local_client,
 };
 pub use stream::{StreamListener, local_streams_client, shards_in_keys};
-pub use uow::{DynamoDbUnitOfWork, MAX_TRANSACTION_ACTIONS, MAX_TRANSACTION_BYTES};
+pub use uow::{DynamoDbTx, MAX_TRANSACTION_ACTIONS, MAX_TRANSACTION_BYTES};
 
 /// Re-exported (feature `lambda`) so callers name the same event types.
 #[cfg(feature = "lambda")]

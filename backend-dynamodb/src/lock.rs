@@ -91,7 +91,7 @@ fn lease_from(resource: &str, item: Option<&Item>) -> Result<Lease> {
 }
 
 impl DynamoDbLock {
-    /// A lock on `table` (created by [`DynamoDbStore::create_tables`](crate::DynamoDbStore::create_tables)),
+    /// A lock on `table` (created by [`DynamoDbStore::migrate`](crate::DynamoDbStore::migrate)),
     /// judging expiry by `clock`.
     ///
     /// Its requests are counted on a meter of its own; [`DynamoDbStore::lock`](crate::DynamoDbStore::lock)

@@ -249,6 +249,7 @@ impl OutboxStore for DynamoDbStore {
             .with_max_message_size(Some(MAX_MESSAGE_SIZE))
             .with_max_batch(Some(self.inner.config.max_batch()))
             .with_inbox_duplicate_at_insert(false)
+            .with_duplicate_id_at_add(false)
     }
 
     fn shard_count(&self) -> u32 {

@@ -17,7 +17,7 @@ use crate::lock::DynamoDbLock;
 use crate::meter::{CostMeter, Units, read_units, write_units};
 use crate::queue::ShardState;
 use crate::request::{Meta, send, send_conditional};
-use crate::uow::DynamoDbUnitOfWork;
+use crate::uow::DynamoDbTx;
 
 /// Largest message accepted, measured as the DynamoDB item it becomes.
 pub const MAX_MESSAGE_SIZE: usize = MAX_ITEM_SIZE - ITEM_HEADROOM;
@@ -121,7 +121,7 @@ fn wall_micros() -> u64 {
 
 impl DynamoDbStore {
     /// A store on `client` with `config`. Does not touch DynamoDB; call
-    /// [`create_tables`](Self::create_tables) once (or create the tables with your own
+    /// [`migrate`](Self::migrate) once (or create the tables with your own
     /// infrastructure-as-code, see the README). The first operation checks the shard count
     /// recorded in the table.
     ///
@@ -160,7 +160,8 @@ impl DynamoDbStore {
         Self::new(Client::new(&sdk), config)
     }
 
-    /// Create the outbox, inbox and lock tables if missing (outbox with its stream, TTL on
+    /// Bring the tables up to date, the setup step every backend names `migrate`: create the
+    /// outbox, inbox and lock tables if missing (outbox with its stream, TTL on
     /// the outbox and inbox), wait until they are active, record the shard count, and check
     /// that existing tables have the expected keys, indexes, stream and TTL attribute.
     /// Idempotent; safe to call at every start.
@@ -168,7 +169,7 @@ impl DynamoDbStore {
     /// # Errors
     /// `ConfigInvalid` naming the table and what differs when an existing table does not
     /// match, or when the table records another shard count.
-    pub async fn create_tables(&self) -> Result<()> {
+    pub async fn migrate(&self) -> Result<()> {
         crate::schema::create_tables(
             &self.inner.client,
             &self.inner.outbox,
@@ -198,10 +199,10 @@ impl DynamoDbStore {
         .with_meter(self.inner.meter.clone())
     }
 
-    /// Open a unit of work (same as [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin),
-    /// without the `async`).
-    pub fn unit_of_work(&self) -> DynamoDbUnitOfWork {
-        DynamoDbUnitOfWork::new(self.clone())
+    /// A new, empty transaction (what [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin)
+    /// returns; `begin` is the public way).
+    pub(crate) fn unit_of_work(&self) -> DynamoDbTx {
+        DynamoDbTx::new(self.clone())
     }
 
     /// The configuration.

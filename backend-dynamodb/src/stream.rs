@@ -70,7 +70,7 @@ pub struct StreamListener {
 }
 
 impl StreamListener {
-    /// A listener on the stream of `store`'s outbox table (which `create_tables` enables).
+    /// A listener on the stream of `store`'s outbox table (which `migrate` enables).
     ///
     /// # Errors
     /// `ConfigInvalid` if the table has no stream; DynamoDB errors.
@@ -87,7 +87,7 @@ impl StreamListener {
             .and_then(|t| t.latest_stream_arn())
             .ok_or_else(|| {
                 Error::config(format!(
-                    "table {} has no stream; create it with DynamoDbStore::create_tables",
+                    "table {} has no stream; create it with DynamoDbStore::migrate",
                     store.table_names().0
                 ))
             })?

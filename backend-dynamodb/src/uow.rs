@@ -1,4 +1,4 @@
-//! [`DynamoDbUnitOfWork`]: the caller's own `TransactWriteItems` entries, outbox messages and
+//! [`DynamoDbTx`]: the caller's own `TransactWriteItems` entries, outbox messages and
 //! inbox entries, committed in one `TransactWriteItems` call.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -11,7 +11,7 @@ use aws_sdk_dynamodb::types::{
     ConditionCheck, Delete, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
 use outbox_core::{
-    Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, MessageId, Result,
+    AbortState, Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, MessageId, Result,
     Transaction, add_duration,
 };
 
@@ -63,7 +63,17 @@ struct Plan {
 /// `ErrorKind::ConditionFailed { index }` names if that entry's condition fails at commit.
 /// Messages ([`Transaction::add`]) and inbox entries ([`Transaction::inbox_insert`]) follow
 /// your entries in the transaction. Dropping the unit of work discards everything.
-pub struct DynamoDbUnitOfWork {
+///
+/// A failed [`add`](Transaction::add), [`add_batch`](Transaction::add_batch) or
+/// [`inbox_insert`](Transaction::inbox_insert) (invalid or oversized message, an id added
+/// twice, too many actions or bytes for one transaction) aborts the unit of work as the
+/// [`Transaction`] contract says: further adds, inbox inserts and
+/// [`commit`](Transaction::commit) are refused with `InvalidInput` naming the first error, and
+/// nothing is written; entries you stage after that are discarded with the rest. DynamoDB
+/// cannot read inside a transaction, so an id that is already stored and an inbox duplicate
+/// show at commit (`AlreadyExists`, nothing written), as
+/// [`Capabilities`](outbox_core::Capabilities) declares.
+pub struct DynamoDbTx {
     store: DynamoDbStore,
     caller: Vec<TransactWriteItem>,
     caller_bytes: usize,
@@ -72,14 +82,16 @@ pub struct DynamoDbUnitOfWork {
     message_bytes: usize,
     ids: HashSet<MessageId>,
     token_override: Option<String>,
+    abort: AbortState,
 }
 
-impl std::fmt::Debug for DynamoDbUnitOfWork {
+impl std::fmt::Debug for DynamoDbTx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DynamoDbUnitOfWork")
+        f.debug_struct("DynamoDbTx")
             .field("caller_entries", &self.caller.len())
             .field("inbox_entries", &self.inbox.len())
             .field("messages", &self.messages.len())
+            .field("aborted", &self.abort.is_aborted())
             .finish()
     }
 }
@@ -125,9 +137,9 @@ fn entry_size(e: &TransactWriteItem) -> usize {
     }
 }
 
-impl DynamoDbUnitOfWork {
+impl DynamoDbTx {
     pub(crate) fn new(store: DynamoDbStore) -> Self {
-        DynamoDbUnitOfWork {
+        DynamoDbTx {
             store,
             caller: Vec::new(),
             caller_bytes: 0,
@@ -136,6 +148,7 @@ impl DynamoDbUnitOfWork {
             message_bytes: 0,
             ids: HashSet::new(),
             token_override: None,
+            abort: AbortState::default(),
         }
     }
 
@@ -258,6 +271,21 @@ impl DynamoDbUnitOfWork {
         }
         self.ids.extend(seen);
         Ok(())
+    }
+
+    /// Stage an inbox entry after checking it and the limits; on error nothing is staged.
+    fn stage_inbox(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
+        crate::inbox::check_entry(entry)?;
+        if self.inbox.contains(entry) {
+            return Ok(InsertOutcome::Duplicate);
+        }
+        self.inbox.push(entry.clone());
+        if let Err(e) = self.check_limits() {
+            self.inbox.pop();
+            return Err(e);
+        }
+        // Duplicates show at commit (AlreadyExists): DynamoDB cannot read inside a transaction.
+        Ok(InsertOutcome::Inserted)
     }
 
     /// Commit: read the tail of each touched shard (strongly consistent), put every message
@@ -577,30 +605,25 @@ fn map_cancellation(roles: &[Role], reasons: CancellationReasons) -> Result<Atte
 }
 
 #[async_trait]
-impl Transaction for DynamoDbUnitOfWork {
+impl Transaction for DynamoDbTx {
     async fn add(&mut self, message: &Message) -> Result<()> {
-        self.stage(std::slice::from_ref(message))
+        self.add_batch(std::slice::from_ref(message)).await
     }
 
     async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
-        self.stage(messages)
+        self.abort.check()?;
+        let result = self.stage(messages);
+        self.abort.track(result)
     }
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        crate::inbox::check_entry(entry)?;
-        if self.inbox.contains(entry) {
-            return Ok(InsertOutcome::Duplicate);
-        }
-        self.inbox.push(entry.clone());
-        if let Err(e) = self.check_limits() {
-            self.inbox.pop();
-            return Err(e);
-        }
-        // Duplicates show at commit (AlreadyExists): DynamoDB cannot read inside a transaction.
-        Ok(InsertOutcome::Inserted)
+        self.abort.check()?;
+        let result = self.stage_inbox(entry);
+        self.abort.track(result)
     }
 
     async fn commit(self) -> Result<Committed> {
+        self.abort.check()?;
         self.commit_inner().await
     }
 

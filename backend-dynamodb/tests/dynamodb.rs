@@ -105,6 +105,17 @@ async fn more_than_100_actions_is_a_typed_error() {
         "{e}"
     );
     assert_eq!(uow.action_count(), 99, "a refused add stages nothing");
+    // ... and aborts the transaction: commit is refused naming the limit, nothing written.
+    let refused = uow.commit().await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused}");
+    assert!(refused.to_string().contains("100 actions"), "{refused}");
+    assert!(!record_exists(&store, "s96").await.unwrap());
+    // 99 actions fit.
+    let mut uow = store.begin().await.unwrap();
+    for i in 0..97 {
+        uow.put(record_put(&store, &format!("s{i}")));
+    }
+    uow.add(&msg("a")).await.unwrap();
     uow.commit().await.unwrap();
     assert!(record_exists(&store, "s96").await.unwrap());
 

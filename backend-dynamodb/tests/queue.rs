@@ -236,7 +236,7 @@ async fn a_shard_count_mismatch_is_config_invalid_naming_both_values() {
         text.contains("shard_count 16") && text.contains("shard_count 8"),
         "{text}"
     );
-    let e = other.create_tables().await.unwrap_err();
+    let e = other.migrate().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
     assert!(
         store
@@ -282,7 +282,7 @@ async fn create_tables_rejects_an_existing_table_of_another_schema() {
         .send()
         .await
         .unwrap();
-    let e = store.create_tables().await.unwrap_err();
+    let e = store.migrate().await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
     let text = e.to_string();
     assert!(

@@ -10,7 +10,7 @@ use outbox_core::{Error, ErrorKind};
 /// | `40001` serialization_failure, `40P01` deadlock_detected | `ConditionFailed` | yes |
 /// | `08xxx` connection exceptions, `57P01`–`57P03` (admin shutdown, `pg_terminate_backend`, crash, starting up), `53xxx` insufficient resources (too many connections, out of memory, disk full), `55P03` lock_not_available, `57014` query_canceled (statement timeout) | `Unavailable` | yes |
 /// | I/O and TLS errors, pool timed out, pool closed, worker crashed | `Unavailable` | yes |
-/// | `22xxx` data exceptions (NUL byte, invalid encoding, value out of range), `54xxx` program limits (value or statement too large) | `InvalidInput` | no |
+/// | `22xxx` data exceptions (NUL byte, invalid encoding, value out of range), `54xxx` program limits (value or statement too large), `25P02` in_failed_sql_transaction (a statement on a transaction an earlier error aborted) | `InvalidInput` | no |
 /// | `42P01` undefined_table, `3F000` invalid_schema_name (schema not migrated), `28xxx` authentication, `3D000` unknown database, `42501` insufficient privilege, a bad connection string | `ConfigInvalid` | no |
 /// | anything else | `Unexpected` | no |
 pub fn parse_error(err: sqlx::Error) -> Error {
@@ -128,9 +128,12 @@ fn classify_code(code: &str) -> (ErrorKind, bool, String) {
             "PostgreSQL refused access (authentication, database or privileges)",
         ),
         ("25P02", _) => (
-            ErrorKind::Unexpected,
+            // A call on a transaction that an earlier failed statement aborted: the
+            // `Transaction` contract's refusal (only rollback remains).
+            ErrorKind::InvalidInput,
             false,
-            "the transaction was aborted by an earlier error; roll it back",
+            "the transaction was aborted by an earlier error and can only be rolled back; \
+             nothing of it was written",
         ),
         _ => (ErrorKind::Unexpected, false, "postgres error"),
     };

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use outbox_core::{
-    Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Transaction,
+    AbortState, Committed, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Transaction,
     async_trait,
 };
 use sqlx::{PgConnection, Postgres};
@@ -12,23 +12,16 @@ use crate::error::parse_error_with;
 use crate::ops;
 use crate::store::PgStore;
 
-/// Why a transaction can no longer be committed.
-#[derive(Debug, Clone)]
-struct Aborted {
-    kind: ErrorKind,
-    retryable: bool,
-    message: String,
-}
-
 /// An open PostgreSQL transaction (`READ COMMITTED`) on a pooled connection: your own SQL,
 /// outbox adds and inbox inserts commit together, or not at all.
 ///
 /// Obtained from [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin).
 ///
 /// - Run your own SQL on [`conn`](Self::conn): `sqlx::query("...").execute(tx.conn()).await`.
-/// - A failed outbox or inbox operation (a duplicate message id, a lost connection) aborts the
-///   transaction, as any failed statement does in PostgreSQL: [`commit`](Transaction::commit)
-///   then fails with that error and nothing is written.
+/// - A failed outbox or inbox operation (an invalid message, a duplicate message id, a lost
+///   connection) aborts the transaction as the [`Transaction`] contract says: further adds,
+///   inbox inserts and [`commit`](Transaction::commit) are refused with `InvalidInput` naming
+///   the first error, and nothing is written. Only rollback remains.
 /// - If you used [`conn`](Self::conn), `commit` first checks that PostgreSQL did not abort the
 ///   transaction because of an error in your SQL (PostgreSQL would otherwise turn the `COMMIT`
 ///   into a silent rollback): it fails instead of reporting a commit that did not happen.
@@ -37,7 +30,7 @@ pub struct PgTx {
     store: PgStore,
     tx: sqlx::Transaction<'static, Postgres>,
     committed: Committed,
-    aborted: Option<Aborted>,
+    abort: AbortState,
     caller_sql: bool,
 }
 
@@ -45,7 +38,7 @@ impl fmt::Debug for PgTx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgTx")
             .field("staged_messages", &self.committed.ids.len())
-            .field("aborted", &self.aborted.as_ref().map(|a| &a.message))
+            .field("aborted", &self.abort.is_aborted())
             .finish_non_exhaustive()
     }
 }
@@ -62,7 +55,7 @@ impl PgTx {
             store,
             tx,
             committed: Committed::default(),
-            aborted: None,
+            abort: AbortState::default(),
             caller_sql: false,
         })
     }
@@ -74,30 +67,6 @@ impl PgTx {
         self.caller_sql = true;
         &mut self.tx
     }
-
-    fn check_open(&self) -> Result<()> {
-        match &self.aborted {
-            Some(a) => Err(Error::new(
-                a.kind,
-                format!(
-                    "the transaction was aborted by an earlier error and cannot be used: {}",
-                    a.message
-                ),
-            )
-            .set_retryable(a.retryable)),
-            None => Ok(()),
-        }
-    }
-
-    /// Remember a failure that reached the database (PostgreSQL aborted the transaction).
-    fn abort(&mut self, e: Error) -> Error {
-        self.aborted = Some(Aborted {
-            kind: e.kind(),
-            retryable: e.is_retryable(),
-            message: e.to_string(),
-        });
-        e
-    }
 }
 
 #[async_trait]
@@ -107,39 +76,38 @@ impl Transaction for PgTx {
     }
 
     async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
-        self.check_open()?;
-        // Invalid messages are rejected before anything reaches the database; the
-        // transaction stays usable.
-        for m in messages {
-            ops::check_message(&self.store.core, m)?;
-        }
+        self.abort.check()?;
         let core = self.store.core.clone();
-        match ops::insert_messages(&mut self.tx, &core, messages).await {
-            Ok(()) => {
-                for m in messages {
-                    self.committed.record(m, core.shard_count);
-                }
-                Ok(())
-            }
-            Err(e) => Err(self.abort(e)),
+        // Invalid messages are rejected before anything reaches the database; they abort the
+        // transaction all the same (one contract for every failure).
+        let mut result = messages
+            .iter()
+            .try_for_each(|m| ops::check_message(&core, m));
+        if result.is_ok() {
+            result = ops::insert_messages(&mut self.tx, &core, messages).await;
         }
+        self.abort.track(result)?;
+        for m in messages {
+            self.committed.record(m, core.shard_count);
+        }
+        Ok(())
     }
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        self.check_open()?;
-        ops::check_entry(entry)?;
+        self.abort.check()?;
         let core = self.store.core.clone();
         let now = core.clock.now();
-        match ops::inbox_insert(&mut self.tx, &core, entry, now).await {
-            Ok(outcome) => Ok(outcome),
-            Err(e) => Err(self.abort(e)),
-        }
+        let result = match ops::check_entry(entry) {
+            Ok(()) => ops::inbox_insert(&mut self.tx, &core, entry, now).await,
+            Err(e) => Err(e),
+        };
+        self.abort.track(result)
     }
 
     async fn commit(mut self) -> Result<Committed> {
-        if let Err(e) = self.check_open() {
+        if let Err(refused) = self.abort.check() {
             let _ = self.tx.rollback().await;
-            return Err(e);
+            return Err(refused);
         }
         if self.caller_sql {
             // In an aborted transaction every statement fails with 25P02, and COMMIT would

@@ -952,8 +952,8 @@ fn relay_queries_use_indexes() {
     });
 }
 
-/// Errors inside a caller's transaction: a duplicate id aborts it and commit reports
-/// `AlreadyExists`; an error in the caller's own SQL (which PostgreSQL would turn into a silent
+/// Errors inside a caller's transaction: a duplicate id aborts it and commit is refused with
+/// `InvalidInput` naming it; an error in the caller's own SQL (which PostgreSQL would turn into a silent
 /// rollback at COMMIT) makes commit fail instead of pretending success. `add_in` works on a
 /// plain sqlx transaction.
 #[test]
@@ -969,7 +969,9 @@ fn caller_transactions_and_errors() {
         let other = hot("other");
         tx.add(&other).await.unwrap();
         assert_kind(tx.add(&m).await, ErrorKind::AlreadyExists, "duplicate");
-        assert_kind(tx.commit().await, ErrorKind::AlreadyExists, "commit");
+        // Aborted: commit is refused with InvalidInput naming the duplicate.
+        let e = assert_kind(tx.commit().await, ErrorKind::InvalidInput, "commit");
+        assert!(e.to_string().contains(&m.id.to_string()), "{e}");
         assert!(store.get(other.id).await.unwrap().is_none());
 
         let mut tx = store.begin().await.unwrap();
@@ -979,6 +981,7 @@ fn caller_transactions_and_errors() {
             .await;
         let e = tx.commit().await.expect_err("aborted by the caller's SQL");
         assert!(e.to_string().contains("aborted"), "{e}");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
         assert!(store.get(other.id).await.unwrap().is_none());
 
         // A plain sqlx transaction with the *_in functions.

@@ -77,7 +77,7 @@ impl JournalMode {
     }
 }
 
-/// Everything [`SqliteStore::open`](crate::SqliteStore::open) needs.
+/// Everything [`SqliteStore::connect`](crate::SqliteStore::connect) needs.
 ///
 /// Built with [`SqliteConfig::new`] and the `with_*` setters; checked by
 /// [`validate`](Self::validate) (which `open` calls).

@@ -62,25 +62,23 @@ impl fmt::Debug for SqliteStore {
 }
 
 impl SqliteStore {
-    /// Open (creating if missing) the database file of `config` and bring its schema up to date.
+    /// Open (creating if missing) the database file of `config` with a pool of
+    /// `config.pool_size()` connections. Does not touch the schema: call
+    /// [`migrate`](Self::migrate) (or run it once at deployment), as with every backend.
     ///
     /// # Errors
-    /// `ConfigInvalid` for an invalid setting, a file that cannot be opened, a schema version
-    /// newer than this code knows, or a shard count different from the recorded one;
-    /// `Unavailable` if the database stayed locked for longer than the busy timeout.
-    pub async fn open(config: SqliteConfig) -> Result<SqliteStore> {
+    /// `ConfigInvalid` for an invalid setting or a file that cannot be opened; `Unavailable`
+    /// if the database stayed locked for longer than the busy timeout.
+    pub async fn connect(config: SqliteConfig) -> Result<SqliteStore> {
         config.validate()?;
         let pool = Pool::new(ConnSettings::from_config(&config), config.pool_size());
-        let prefix = config.table_prefix().to_owned();
-        let shard_count = config.shard_count();
-        let now = to_micros(config.clock().now());
-        pool.run(move |conn| schema::migrate(conn, &prefix, shard_count, now))
-            .await?;
+        // Open one connection now, so a bad path fails here rather than at the first call.
+        pool.run(|_| Ok(())).await?;
         Ok(SqliteStore {
             core: Arc::new(Core {
                 sql: Sql::new(config.table_prefix()),
                 pool,
-                shard_count,
+                shard_count: config.shard_count(),
                 max_message_size: config.max_message_size(),
                 inbox_retention: config.inbox_retention(),
                 clock: config.clock().clone(),
@@ -89,14 +87,32 @@ impl SqliteStore {
         })
     }
 
-    /// Open an outbox that [`open`](Self::open) created before, creating nothing: for
+    /// Create or upgrade the tables to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) and record
+    /// (first run) or check the shard count. Idempotent, and safe to run concurrently from
+    /// many processes (one `BEGIN IMMEDIATE` transaction). Returns the schema version.
+    ///
+    /// # Errors
+    /// `ConfigInvalid` for a schema version newer than this code knows, or a shard count
+    /// different from the recorded one; `Unavailable` if the database stayed locked for
+    /// longer than the busy timeout.
+    pub async fn migrate(&self) -> Result<i64> {
+        let prefix = self.core.config.table_prefix().to_owned();
+        let shard_count = self.core.shard_count;
+        let now = to_micros(self.core.clock.now());
+        self.core
+            .pool
+            .run(move |conn| schema::migrate(conn, &prefix, shard_count, now))
+            .await
+    }
+
+    /// Open an outbox that [`migrate`](Self::migrate) created before, creating nothing: for
     /// operators' tools, where a mistyped path or table prefix must be an error rather than a
-    /// new, empty outbox. Then like [`open`](Self::open) (which brings the schema up to date).
+    /// new, empty outbox. Then like [`connect`](Self::connect) (the schema is not touched).
     ///
     /// # Errors
     /// `NotFound` when the file does not exist or holds no outbox tables under the
-    /// configured prefix; otherwise as [`open`](Self::open).
-    pub async fn open_existing(config: SqliteConfig) -> Result<SqliteStore> {
+    /// configured prefix; otherwise as [`connect`](Self::connect).
+    pub async fn connect_existing(config: SqliteConfig) -> Result<SqliteStore> {
         config.validate()?;
         let path = config.path().to_owned();
         if !path.is_file() {
@@ -128,10 +144,10 @@ impl SqliteStore {
                 ),
             ));
         }
-        Self::open(config).await
+        Self::connect(config).await
     }
 
-    /// The configuration the store was opened with.
+    /// The configuration the store was connected with.
     pub fn config(&self) -> &SqliteConfig {
         &self.core.config
     }

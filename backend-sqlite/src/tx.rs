@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use outbox_core::{
-    Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Transaction,
+    AbortState, Committed, Error, InboxEntry, InsertOutcome, Message, Result, Transaction,
     async_trait,
 };
 use rusqlite::Connection;
@@ -14,14 +14,6 @@ use crate::ops;
 use crate::pool::PooledConn;
 use crate::store::Core;
 
-/// Why a transaction can no longer be committed.
-#[derive(Debug, Clone)]
-struct Aborted {
-    kind: ErrorKind,
-    retryable: bool,
-    message: String,
-}
-
 /// An open SQLite transaction: caller SQL, outbox adds and inbox inserts commit together.
 ///
 /// Obtained from [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin). It
@@ -30,16 +22,17 @@ struct Aborted {
 /// holding it (they would wait for this lock until the busy timeout).
 ///
 /// - Run your own SQL with [`execute`](Self::execute).
-/// - Any failed operation (an error from your SQL, a duplicate message id, a panic) aborts the
-///   transaction: later calls and [`commit`](Transaction::commit) fail, and nothing of it is
-///   written. Roll it back (or drop it) and retry the whole unit of work if the error is
-///   retryable.
+/// - Any failed operation (an error from your SQL, an invalid message, a duplicate message
+///   id, a panic) aborts the transaction as the [`Transaction`] contract says: later calls,
+///   including [`execute`](Self::execute), and [`commit`](Transaction::commit) are refused
+///   with `InvalidInput` naming the first error, and nothing of it is written. Roll it back
+///   (or drop it) and retry the whole unit of work if the first error is retryable.
 /// - Dropping it without committing rolls back and returns the connection to the pool.
 pub struct SqliteTx {
     core: Arc<Core>,
     conn: Option<PooledConn>,
     committed: Committed,
-    aborted: Option<Aborted>,
+    abort: AbortState,
 }
 
 impl fmt::Debug for SqliteTx {
@@ -47,7 +40,7 @@ impl fmt::Debug for SqliteTx {
         f.debug_struct("SqliteTx")
             .field("open", &self.conn.is_some())
             .field("staged_messages", &self.committed.ids.len())
-            .field("aborted", &self.aborted.as_ref().map(|a| &a.message))
+            .field("aborted", &self.abort.is_aborted())
             .finish_non_exhaustive()
     }
 }
@@ -68,7 +61,7 @@ impl SqliteTx {
             core,
             conn: Some(pooled),
             committed: Committed::default(),
-            aborted: None,
+            abort: AbortState::default(),
         })
     }
 
@@ -100,28 +93,6 @@ impl SqliteTx {
         &self.committed
     }
 
-    fn abort(&mut self, e: &Error) {
-        if self.aborted.is_none() {
-            self.aborted = Some(Aborted {
-                kind: e.kind(),
-                retryable: e.is_retryable(),
-                message: e.to_string(),
-            });
-        }
-    }
-
-    fn aborted_error(a: &Aborted) -> Error {
-        Error::new(
-            a.kind,
-            format!(
-                "the transaction was aborted by an earlier error and nothing of it was \
-                 committed; roll it back: {}",
-                a.message
-            ),
-        )
-        .set_retryable(a.retryable)
-    }
-
     /// Run `f` on the transaction's connection on a blocking thread; any failure aborts the
     /// transaction.
     async fn run<T, F>(&mut self, f: F) -> Result<T>
@@ -129,15 +100,13 @@ impl SqliteTx {
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        if let Some(a) = &self.aborted {
-            return Err(Self::aborted_error(a));
-        }
+        self.abort.check()?;
         let Some(mut pooled) = self.conn.take() else {
             let e = Error::unexpected(
                 "the transaction is no longer usable (an earlier operation on it was cancelled \
                  or panicked, and it was rolled back)",
             );
-            self.abort(&e);
+            self.abort.abort(&e);
             return Err(e);
         };
         let joined = tokio::task::spawn_blocking(move || {
@@ -156,7 +125,7 @@ impl SqliteTx {
             Ok(v) => v,
             Err(e) => {
                 let e = join_error(e);
-                self.abort(&e);
+                self.abort.abort(&e);
                 return Err(e);
             }
         };
@@ -169,7 +138,7 @@ impl SqliteTx {
             other => other,
         };
         if let Err(e) = &result {
-            self.abort(e);
+            self.abort.abort(e);
         }
         result
     }
@@ -216,6 +185,7 @@ impl Transaction for SqliteTx {
     }
 
     async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
+        self.abort.check()?;
         if messages.is_empty() {
             return Ok(());
         }
@@ -238,10 +208,10 @@ impl Transaction for SqliteTx {
     }
 
     async fn commit(mut self) -> Result<Committed> {
-        if let Some(a) = self.aborted.take() {
-            // Drop (roll back) the connection before reporting.
+        if let Err(refused) = self.abort.check() {
+            // Roll back (or drop) the connection before reporting.
             let _ = self.finish("ROLLBACK").await;
-            return Err(Self::aborted_error(&a));
+            return Err(refused);
         }
         self.finish("COMMIT").await?;
         Ok(std::mem::take(&mut self.committed))

@@ -45,12 +45,13 @@ async fn fixture(
     config: SqliteConfig,
     dir: tempfile::TempDir,
 ) -> Result<Fixture<SqliteStore>> {
-    let store = SqliteStore::open(
+    let store = SqliteStore::connect(
         config
             .with_clock(ctx.shared_clock())
             .with_inbox_retention(Duration::from_secs(3600)),
     )
     .await?;
+    store.migrate().await?;
     let s = store.clone();
     tokio::task::spawn_blocking(move || {
         s.open_connection()?

@@ -19,13 +19,20 @@ fn config(dir: &TempDir) -> SqliteConfig {
     SqliteConfig::new(dir.path().join("outbox.db"))
 }
 
+/// `SqliteStore::connect` then `migrate`, the setup of every store here.
+async fn connect_and_migrate(config: SqliteConfig) -> outbox_core::Result<SqliteStore> {
+    let store = SqliteStore::connect(config).await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
 async fn open(dir: &TempDir) -> SqliteStore {
-    SqliteStore::open(config(dir)).await.unwrap()
+    connect_and_migrate(config(dir)).await.unwrap()
 }
 
 async fn open_with_clock(dir: &TempDir) -> (SqliteStore, ManualClock) {
     let clock = ManualClock::new();
-    let store = SqliteStore::open(config(dir).with_clock(Arc::new(clock.clone())))
+    let store = connect_and_migrate(config(dir).with_clock(Arc::new(clock.clone())))
         .await
         .unwrap();
     (store, clock)
@@ -108,7 +115,7 @@ async fn migrations_rerun_and_run_concurrently() {
     let tasks: Vec<_> = (0..10)
         .map(|_| {
             let path = path.clone();
-            tokio::spawn(async move { SqliteStore::open(SqliteConfig::new(path)).await })
+            tokio::spawn(async move { connect_and_migrate(SqliteConfig::new(path)).await })
         })
         .collect();
     for t in tasks {
@@ -127,10 +134,10 @@ async fn migrations_rerun_and_run_concurrently() {
 #[tokio::test]
 async fn two_prefixes_in_one_file_are_independent() {
     let dir = tempfile::tempdir().unwrap();
-    let a = SqliteStore::open(config(&dir).with_table_prefix("a_"))
+    let a = connect_and_migrate(config(&dir).with_table_prefix("a_"))
         .await
         .unwrap();
-    let b = SqliteStore::open(config(&dir).with_table_prefix("b_").with_shard_count(4))
+    let b = connect_and_migrate(config(&dir).with_table_prefix("b_").with_shard_count(4))
         .await
         .unwrap();
     let m = msg("k");
@@ -156,7 +163,7 @@ async fn two_prefixes_in_one_file_are_independent() {
 async fn invalid_prefix_is_config_invalid() {
     let dir = tempfile::tempdir().unwrap();
     for prefix in ["x; DROP TABLE y", "", "1abc", "sqlite_x", "a\"b"] {
-        let e = SqliteStore::open(config(&dir).with_table_prefix(prefix))
+        let e = connect_and_migrate(config(&dir).with_table_prefix(prefix))
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{prefix}: {e}");
@@ -178,7 +185,7 @@ async fn newer_schema_version_is_refused() {
         [SCHEMA_VERSION + 1],
     )
     .unwrap();
-    let e = SqliteStore::open(config(&dir)).await.unwrap_err();
+    let e = connect_and_migrate(config(&dir)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
     assert!(e.to_string().contains("newer"), "{e}");
 }
@@ -187,7 +194,7 @@ async fn newer_schema_version_is_refused() {
 async fn shard_count_is_fixed_for_the_data() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(&dir).await);
-    let e = SqliteStore::open(config(&dir).with_shard_count(8))
+    let e = connect_and_migrate(config(&dir).with_shard_count(8))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
@@ -197,7 +204,7 @@ async fn shard_count_is_fixed_for_the_data() {
 #[tokio::test]
 async fn unopenable_path_is_config_invalid() {
     let dir = tempfile::tempdir().unwrap();
-    let e = SqliteStore::open(SqliteConfig::new(dir.path().join("missing/dir/x.db")))
+    let e = connect_and_migrate(SqliteConfig::new(dir.path().join("missing/dir/x.db")))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConfigInvalid, "{e}");
@@ -267,7 +274,7 @@ async fn caller_sql_and_outbox_commit_and_roll_back_together() {
 #[tokio::test]
 async fn a_failed_operation_aborts_the_transaction_and_the_pool_stays_healthy() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(config(&dir).with_pool_size(1))
+    let store = connect_and_migrate(config(&dir).with_pool_size(1))
         .await
         .unwrap();
     create_orders(&store).await;
@@ -284,8 +291,10 @@ async fn a_failed_operation_aborts_the_transaction_and_the_pool_stays_healthy() 
     let e = tx.add(&existing).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
     assert!(e.to_string().contains(&existing.id.to_string()), "{e}");
+    // Aborted: commit is refused with InvalidInput naming the duplicate.
     let e = tx.commit().await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains(&existing.id.to_string()), "{e}");
     assert_eq!(order_count(&store), 0);
     assert!(store.get(fresh.id).await.unwrap().is_none());
 
@@ -296,7 +305,14 @@ async fn a_failed_operation_aborts_the_transaction_and_the_pool_stays_healthy() 
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unexpected);
-    assert!(tx.add(&fresh).await.is_err());
+    let refused = tx.add(&fresh).await.unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused}");
+    assert!(refused.to_string().contains("no_such_table"), "{refused}");
+    let refused = tx
+        .execute(|c| c.execute("INSERT INTO orders (id, note) VALUES (2, 'b')", []))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused}");
     tx.rollback().await.unwrap();
 
     // A panicking closure: the transaction is unusable, its connection rolled back.
@@ -685,7 +701,7 @@ async fn every_field_round_trips() {
 #[tokio::test]
 async fn duplicates_and_size_limits_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(config(&dir).with_max_message_size(1000))
+    let store = connect_and_migrate(config(&dir).with_max_message_size(1000))
         .await
         .unwrap();
     assert_eq!(store.capabilities().max_message_size, Some(1000));
@@ -940,7 +956,7 @@ async fn purge_is_bounded_and_keeps_pending_and_parked() {
 #[tokio::test]
 async fn an_exhausted_pool_fails_with_a_retryable_error() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(
+    let store = connect_and_migrate(
         config(&dir)
             .with_pool_size(1)
             .with_busy_timeout(Duration::from_millis(200)),

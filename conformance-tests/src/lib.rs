@@ -117,6 +117,11 @@ macro_rules! __tx_cases {
             tx_invisible_before_commit => $crate::tx::invisible_before_commit,
             tx_add_order_is_sequence_order => $crate::tx::add_order_is_sequence_order,
             tx_commit_order_is_fetch_order => $crate::tx::commit_order_is_fetch_order,
+            tx_failed_add_aborts => $crate::tx::failed_add_aborts,
+            tx_duplicate_add_aborts => $crate::tx::duplicate_add_aborts,
+            tx_failed_inbox_insert_aborts => $crate::tx::failed_inbox_insert_aborts,
+            tx_rollback_after_failure => $crate::tx::rollback_after_failure,
+            tx_inbox_duplicate_does_not_abort => $crate::tx::inbox_duplicate_does_not_abort,
         }
     };
 }

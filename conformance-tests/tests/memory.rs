@@ -26,10 +26,10 @@ impl BusinessRecords<MemoryTx> for Records {
 
 fn store(ctx: &SetupContext, max_message_size: Option<usize>) -> Result<MemoryStore> {
     MemoryStore::builder()
-        .clock(ctx.shared_clock())
-        .shard_count(16)
-        .inbox_retention(Duration::from_secs(3600))
-        .max_message_size(max_message_size)
+        .with_clock(ctx.shared_clock())
+        .with_shard_count(16)
+        .with_inbox_retention(Duration::from_secs(3600))
+        .with_max_message_size(max_message_size)
         .build()
 }
 

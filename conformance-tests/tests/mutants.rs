@@ -48,6 +48,9 @@ enum Flaw {
     TxAddImmediate,
     TxCommitReversesAdds,
     TxCommittedIdsReversed,
+    /// A failed add or inbox insert leaves the transaction usable (invalid input and stored
+    /// ids rejected before the transaction sees them), so commit writes the rest.
+    TxFailureKeepsTxUsable,
     /// No flaw: the suite's own correct inbox (baseline of the inbox flaws).
     InboxBaseline,
     InboxNoExpiry,
@@ -253,6 +256,13 @@ impl Transaction for MutantTx {
     async fn add(&mut self, m: &Message) -> Result<()> {
         match self.store.flaw {
             Flaw::TxAddImmediate => self.store.inner.add(m).await,
+            Flaw::TxFailureKeepsTxUsable => {
+                m.validate()?;
+                if self.store.inner.get(m.id).await?.is_some() {
+                    return Err(Error::new(ErrorKind::AlreadyExists, "stored id"));
+                }
+                self.inner.add(m).await
+            }
             Flaw::TxCommitReversesAdds => {
                 self.staged.push(m.clone());
                 Ok(())
@@ -261,6 +271,9 @@ impl Transaction for MutantTx {
         }
     }
     async fn inbox_insert(&mut self, e: &InboxEntry) -> Result<InsertOutcome> {
+        if self.store.flaw == Flaw::TxFailureKeepsTxUsable && e.handler_key.is_empty() {
+            return Err(Error::invalid_input("empty handler key"));
+        }
         self.inner.inbox_insert(e).await
     }
     async fn commit(mut self) -> Result<Committed> {
@@ -505,8 +518,8 @@ impl DistributedLock for OwnLock {
 async fn setup(ctx: SetupContext, flaw: Flaw) -> Result<Fixture<Mutant>> {
     let retention = Duration::from_secs(3600);
     let memory = MemoryStore::builder()
-        .clock(ctx.shared_clock())
-        .inbox_retention(retention)
+        .with_clock(ctx.shared_clock())
+        .with_inbox_retention(retention)
         .build()?;
     let own_inbox = flaw.is_inbox().then(|| {
         Arc::new(OwnInbox {
@@ -647,6 +660,12 @@ async fn tx_cases_catch_flaws() {
     catches!(
         Flaw::TxCommittedIdsReversed,
         tx::commit_reports_ids_and_shards
+    );
+    catches!(
+        Flaw::TxFailureKeepsTxUsable,
+        tx::failed_add_aborts,
+        tx::duplicate_add_aborts,
+        tx::failed_inbox_insert_aborts,
     );
 }
 

@@ -55,7 +55,8 @@ impl SqliteBackend {
     pub async fn new() -> Result<Self> {
         let dir = tempfile::tempdir()
             .map_err(|e| Error::unexpected("creating a temporary directory").with_source(e))?;
-        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("relay.db"))).await?;
+        let store = SqliteStore::connect(SqliteConfig::new(dir.path().join("relay.db"))).await?;
+        store.migrate().await?;
         Ok(SqliteBackend {
             messages: format!("{}messages", store.config().table_prefix()),
             store,
@@ -272,7 +273,7 @@ pub async fn dynamo_tables(
     let moto = Moto::start(&logs.join("moto.log")).await?;
     let endpoint = moto.as_ref().map_or(shared, |m| m.endpoint.as_str());
     let store = DynamoDbStore::new(local_client(endpoint), DynamoDbConfig::new(prefix))?;
-    store.create_tables().await?;
+    store.migrate().await?;
     Ok((moto, store))
 }
 

@@ -264,7 +264,8 @@ impl Env {
                     .tempdir()
                     .map_err(|e| Error::unexpected("creating a temp dir").with_source(e))?;
                 let path = dir.path().join("outbox.db");
-                let store = SqliteStore::open(SqliteConfig::new(&path)).await?;
+                let store = SqliteStore::connect(SqliteConfig::new(&path)).await?;
+                store.migrate().await?;
                 let url = format!("sqlite://{}", path.display());
                 (Store::Sqlite { store, _dir: dir }, url)
             }
@@ -274,7 +275,7 @@ impl Env {
                     local_client(&services.dynamodb),
                     DynamoDbConfig::new(&prefix),
                 )?;
-                store.create_tables().await?;
+                store.migrate().await?;
                 let url = format!(
                     "dynamodb://?region=us-east-1&endpoint={}&prefix={prefix}",
                     services.dynamodb

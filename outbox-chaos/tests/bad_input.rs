@@ -146,9 +146,10 @@ async fn sqlite_corrupt_row_is_parked_and_the_relay_keeps_going() {
     };
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("outbox.db");
-    let store = SqliteStore::open(SqliteConfig::new(&path).with_shard_count(1))
+    let store = SqliteStore::connect(SqliteConfig::new(&path).with_shard_count(1))
         .await
         .unwrap();
+    store.migrate().await.unwrap();
     let broker = Broker::new(&url, &unique("bad_sqlite")).await;
     let messages = four(&broker.topic);
     for m in &messages {

@@ -75,8 +75,11 @@ pub async fn open_with_clock(
                 config = config.with_table_prefix(p);
             }
             let store = match mode {
-                Mode::Init => outbox_sqlite::SqliteStore::open(config).await,
-                Mode::Existing => outbox_sqlite::SqliteStore::open_existing(config).await,
+                Mode::Init => match outbox_sqlite::SqliteStore::connect(config).await {
+                    Ok(s) => s.migrate().await.map(|_| s),
+                    Err(e) => Err(e),
+                },
+                Mode::Existing => outbox_sqlite::SqliteStore::connect_existing(config).await,
             };
             let store = match store {
                 Ok(s) => s,
@@ -151,7 +154,7 @@ pub async fn open_with_clock(
             }
             let store = outbox_dynamodb::DynamoDbStore::new(client, config).map_err(context)?;
             match mode {
-                Mode::Init => store.create_tables().await.map_err(context)?,
+                Mode::Init => store.migrate().await.map_err(context)?,
                 Mode::Existing => check_dynamodb_tables(&store, location).await?,
             }
             Ok(Opened {

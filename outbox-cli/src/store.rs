@@ -45,5 +45,7 @@ pub async fn open(
     if let Some(prefix) = prefix {
         config = config.with_table_prefix(prefix);
     }
-    Ok(SqliteStore::open(config).await?)
+    let store = SqliteStore::connect(config).await?;
+    store.migrate().await?;
+    Ok(store)
 }

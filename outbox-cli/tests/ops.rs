@@ -245,9 +245,10 @@ async fn sqlite_operator_commands() {
     let path = dir.path().join("app.db");
     let url = format!("sqlite://{}", path.display());
     operator_workflow(&url, async || {
-        let store = outbox_sqlite::SqliteStore::open(outbox_sqlite::SqliteConfig::new(&path))
+        let store = outbox_sqlite::SqliteStore::connect(outbox_sqlite::SqliteConfig::new(&path))
             .await
             .unwrap();
+        store.migrate().await.unwrap();
         Fixture {
             lock: Arc::new(store.lock()),
             store: Arc::new(store),

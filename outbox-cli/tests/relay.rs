@@ -214,9 +214,10 @@ async fn relay_publishes_a_backlog_to_rabbitmq_serves_metrics_and_stops_on_sigte
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.db");
-    let store = outbox_sqlite::SqliteStore::open(outbox_sqlite::SqliteConfig::new(&path))
+    let store = outbox_sqlite::SqliteStore::connect(outbox_sqlite::SqliteConfig::new(&path))
         .await
         .unwrap();
+    store.migrate().await.unwrap();
     const N: usize = 300;
     store.add_batch(&messages(&topic, N)).await.unwrap();
 
@@ -407,7 +408,7 @@ async fn relay_publishes_from_dynamodb_and_releases_its_leases() {
         outbox_dynamodb::DynamoDbConfig::new(prefix.clone()),
     )
     .unwrap();
-    store.create_tables().await.unwrap();
+    store.migrate().await.unwrap();
     store.add_batch(&messages(&topic, 20)).await.unwrap();
     let args = relay_args(
         &format!("dynamodb://?region=us-east-1&endpoint={endpoint}&prefix={prefix}"),
@@ -440,7 +441,7 @@ async fn relay_wakes_on_the_dynamodb_stream() {
         outbox_dynamodb::DynamoDbConfig::new(prefix.clone()),
     )
     .unwrap();
-    store.create_tables().await.unwrap();
+    store.migrate().await.unwrap();
 
     // Polling every 60 s: only the stream can make it publish within seconds.
     let args = relay_args(
@@ -503,9 +504,10 @@ async fn relay_publishes_cloud_events_to_kafka() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("app.db");
-    let store = outbox_sqlite::SqliteStore::open(outbox_sqlite::SqliteConfig::new(&path))
+    let store = outbox_sqlite::SqliteStore::connect(outbox_sqlite::SqliteConfig::new(&path))
         .await
         .unwrap();
+    store.migrate().await.unwrap();
     let sent = Message::builder(&topic)
         .key("k")
         .json(&serde_json::json!({"n": 1}))

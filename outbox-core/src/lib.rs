@@ -41,7 +41,7 @@ pub use store::{
     PendingQuery, RequeueFilter,
 };
 pub use transport::{Consumer, Delivery, Producer};
-pub use tx::{Committed, Transaction, TransactionalStore};
+pub use tx::{AbortState, Committed, Transaction, TransactionalStore};
 
 /// Re-exported so users and backends name the same versions.
 pub use async_trait::async_trait;

@@ -111,6 +111,11 @@ pub struct Capabilities {
     /// When `false`, a duplicate is detected at commit, which fails with `AlreadyExists`
     /// (DynamoDB's unit of work).
     pub inbox_duplicate_at_insert: bool,
+    /// A transactional add of a message id that is already stored fails at `add` with
+    /// `AlreadyExists` (SQL backends, memory). When `false`, the add succeeds and `commit`
+    /// fails with `AlreadyExists`, writing nothing (DynamoDB's transaction, which cannot read
+    /// inside a transaction). An id added twice in one transaction fails at `add` everywhere.
+    pub duplicate_id_at_add: bool,
 }
 
 impl Capabilities {
@@ -122,6 +127,7 @@ impl Capabilities {
             max_batch: None,
             transactions: true,
             inbox_duplicate_at_insert: true,
+            duplicate_id_at_add: true,
         }
     }
 
@@ -146,6 +152,12 @@ impl Capabilities {
     /// Set whether inbox duplicates show at insert time.
     pub fn with_inbox_duplicate_at_insert(mut self, yes: bool) -> Self {
         self.inbox_duplicate_at_insert = yes;
+        self
+    }
+
+    /// Set whether a transactional add of a stored id fails at add time.
+    pub fn with_duplicate_id_at_add(mut self, yes: bool) -> Self {
+        self.duplicate_id_at_add = yes;
         self
     }
 }

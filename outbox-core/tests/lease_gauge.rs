@@ -50,7 +50,7 @@ impl Recorder for HeldRecorder {
 async fn leases_held_is_set_on_acquire_and_on_release() {
     let recorder = HeldRecorder::default();
     let _local = metrics::set_default_local_recorder(&recorder);
-    let store = MemoryStore::builder().shard_count(4).build().unwrap();
+    let store = MemoryStore::builder().with_shard_count(4).build().unwrap();
     let lock = MemoryLock::new(Arc::new(SystemClock));
     let broker = MemoryBroker::new();
     let relay = Relay::new(

@@ -54,12 +54,14 @@ async fn consumer_span_is_a_child_of_the_depositing_span_through_rabbitmq() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
-    let orders = SqliteStore::open(SqliteConfig::new(dir.path().join("orders.db")))
+    let orders = SqliteStore::connect(SqliteConfig::new(dir.path().join("orders.db")))
         .await
         .unwrap();
-    let billing = SqliteStore::open(SqliteConfig::new(dir.path().join("billing.db")))
+    orders.migrate().await.unwrap();
+    let billing = SqliteStore::connect(SqliteConfig::new(dir.path().join("billing.db")))
         .await
         .unwrap();
+    billing.migrate().await.unwrap();
 
     // Deposit inside the application's span.
     let place_order = tracing::info_span!("place_order", order = 42);

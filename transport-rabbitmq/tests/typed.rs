@@ -200,12 +200,14 @@ impl TypedHandler<OrderCancelled, SqliteTx> for Billing {
 async fn typed_messages_end_to_end_sqlite_relay_rabbitmq_router() {
     let iso = isolated!("typed");
     let dir = tempfile::tempdir().unwrap();
-    let producer_db = SqliteStore::open(SqliteConfig::new(dir.path().join("orders.db")))
+    let producer_db = SqliteStore::connect(SqliteConfig::new(dir.path().join("orders.db")))
         .await
         .unwrap();
-    let consumer_db = SqliteStore::open(SqliteConfig::new(dir.path().join("billing.db")))
+    producer_db.migrate().await.unwrap();
+    let consumer_db = SqliteStore::connect(SqliteConfig::new(dir.path().join("billing.db")))
         .await
         .unwrap();
+    consumer_db.migrate().await.unwrap();
     consumer_db
         .open_connection()
         .unwrap()

@@ -11,7 +11,7 @@ use outbox_dynamodb::aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, Put,
     ScalarAttributeType,
 };
-use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, DynamoDbUnitOfWork, local_client};
+use outbox_dynamodb::{DynamoDbConfig, DynamoDbStore, DynamoDbTx, local_client};
 
 /// Where the test DynamoDB (moto) listens.
 pub const ENDPOINT_ENV: &str = "OUTBOX_TEST_DYNAMODB_ENDPOINT";
@@ -112,7 +112,7 @@ pub async fn store_with(endpoint: &str, config: DynamoDbConfig) -> Result<(Dynam
         endpoint: endpoint.to_owned(),
         names: vec![o.to_owned(), i.to_owned(), l.to_owned(), records.clone()],
     };
-    store.create_tables().await?;
+    store.migrate().await?;
     create_records_table(&client, &records).await?;
     Ok((store, guard))
 }
@@ -153,8 +153,8 @@ pub async fn record_exists(store: &DynamoDbStore, key: &str) -> Result<bool> {
 }
 
 #[async_trait]
-impl BusinessRecords<DynamoDbUnitOfWork> for Records {
-    async fn write(&self, tx: &mut DynamoDbUnitOfWork, key: &str) -> Result<()> {
+impl BusinessRecords<DynamoDbTx> for Records {
+    async fn write(&self, tx: &mut DynamoDbTx, key: &str) -> Result<()> {
         tx.put(record_put(&self.store, key));
         Ok(())
     }

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox_core::memory::MemoryBroker;
-use outbox_core::{CancellationToken, Error, OutboxStore, Relay, RelayConfig, Result, Transaction};
+use outbox_core::{
+    CancellationToken, Error, OutboxStore, Relay, RelayConfig, Result, Transaction,
+    TransactionalStore,
+};
 use outbox_dynamodb::OpCost;
 use outbox_dynamodb::aws_sdk_dynamodb::types::{AttributeValue, Put};
 
@@ -137,7 +140,7 @@ async fn measure(
     let in_uow = messages("cost", n, 1_000, size)?;
     meter.take();
     for (i, m) in in_uow.iter().enumerate() {
-        let mut uow = store.unit_of_work();
+        let mut uow = store.begin().await?;
         uow.put(
             Put::builder()
                 .table_name(&business)

@@ -124,7 +124,8 @@ impl SqliteDeposit {
     async fn new(_ctx: &mut Ctx) -> Result<Self> {
         let dir = tempfile::tempdir()
             .map_err(|e| Error::unexpected("creating a temporary directory").with_source(e))?;
-        let store = SqliteStore::open(SqliteConfig::new(dir.path().join("deposit.db"))).await?;
+        let store = SqliteStore::connect(SqliteConfig::new(dir.path().join("deposit.db"))).await?;
+        store.migrate().await?;
         let messages = format!("{}messages", store.config().table_prefix());
         // The floor: the library's own DDL (table and indexes), under another name.
         let conn = store.open_connection()?;
@@ -393,7 +394,7 @@ impl Depositor for DynamoDeposit {
     async fn deposit(&self, variant: Variant, id: uuid::Uuid, msgs: &[Message]) -> Result<()> {
         match variant {
             Variant::Alone | Variant::Lib => {
-                let mut uow = self.store.unit_of_work();
+                let mut uow = self.store.begin().await?;
                 uow.put(self.business_put(id)?);
                 if variant == Variant::Lib {
                     add(&mut uow, msgs).await?;

@@ -17,7 +17,7 @@ use crate::store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
     PendingQuery, RequeueFilter,
 };
-use crate::tx::{Committed, Transaction, TransactionalStore};
+use crate::tx::{AbortState, Committed, Transaction, TransactionalStore};
 
 /// Default number of shards of a [`MemoryStore`].
 pub const DEFAULT_SHARD_COUNT: u32 = 16;
@@ -51,20 +51,20 @@ impl Default for MemoryStoreBuilder {
 impl MemoryStoreBuilder {
     /// The clock that decides what is due, ages, inbox expiry and retention
     /// (default: [`SystemClock`]). Tests pass a [`ManualClock`](crate::ManualClock).
-    pub fn clock(mut self, clock: SharedClock) -> Self {
+    pub fn with_clock(mut self, clock: SharedClock) -> Self {
         self.clock = clock;
         self
     }
 
     /// Number of shards (default [`DEFAULT_SHARD_COUNT`]). Must be at least 1.
-    pub fn shard_count(mut self, shard_count: u32) -> Self {
+    pub fn with_shard_count(mut self, shard_count: u32) -> Self {
         self.shard_count = shard_count;
         self
     }
 
     /// How long inbox entries suppress duplicates (default [`DEFAULT_INBOX_RETENTION`]).
     /// Must not be zero.
-    pub fn inbox_retention(mut self, retention: Duration) -> Self {
+    pub fn with_inbox_retention(mut self, retention: Duration) -> Self {
         self.inbox_retention = retention;
         self
     }
@@ -72,7 +72,7 @@ impl MemoryStoreBuilder {
     /// Largest accepted message, measured by [`Message::encoded_size`] (default `None`: no
     /// limit). Set it to the limit of your production backend to catch oversized messages in
     /// unit tests. Must not be `Some(0)`.
-    pub fn max_message_size(mut self, limit: Option<usize>) -> Self {
+    pub fn with_max_message_size(mut self, limit: Option<usize>) -> Self {
         self.max_message_size = limit;
         self
     }
@@ -252,10 +252,10 @@ impl MemoryStore {
     /// use outbox_core::{ManualClock, memory::MemoryStore};
     ///
     /// let store = MemoryStore::builder()
-    ///     .clock(Arc::new(ManualClock::new()))
-    ///     .shard_count(4)
-    ///     .inbox_retention(Duration::from_secs(3600))
-    ///     .max_message_size(Some(256 * 1024))
+    ///     .with_clock(Arc::new(ManualClock::new()))
+    ///     .with_shard_count(4)
+    ///     .with_inbox_retention(Duration::from_secs(3600))
+    ///     .with_max_message_size(Some(256 * 1024))
     ///     .build()?;
     /// # Ok::<(), outbox_core::Error>(())
     /// ```
@@ -663,17 +663,9 @@ impl TransactionalStore for MemoryStore {
             inbox: Vec::new(),
             staged_inbox: HashSet::new(),
             records: BTreeMap::new(),
-            aborted: None,
+            abort: AbortState::default(),
         })
     }
-}
-
-/// Why a transaction can no longer commit: the first failed staging operation.
-#[derive(Debug, Clone)]
-struct Abort {
-    kind: ErrorKind,
-    message: String,
-    retryable: bool,
 }
 
 /// An open transaction on a [`MemoryStore`] (from [`TransactionalStore::begin`]).
@@ -690,9 +682,9 @@ struct Abort {
 /// conflict detection on them.
 ///
 /// If a staging operation fails (invalid or oversized message, duplicate id, invalid inbox
-/// entry), the transaction is aborted: a later `commit` fails with the same error kind and
-/// writes nothing, like a database transaction after a failed statement. Roll back and start
-/// over.
+/// entry), the transaction is aborted as the [`Transaction`] contract says: further adds,
+/// inbox inserts and `commit` are refused with `InvalidInput` and nothing is written; only
+/// rollback remains. Records staged after the abort are discarded with the rest.
 pub struct MemoryTx {
     store: MemoryStore,
     messages: Vec<Message>,
@@ -701,7 +693,7 @@ pub struct MemoryTx {
     staged_inbox: HashSet<InboxEntry>,
     /// Key -> new value (`None`: delete), applied in key order at commit.
     records: BTreeMap<String, Option<Bytes>>,
-    aborted: Option<Abort>,
+    abort: AbortState,
 }
 
 impl fmt::Debug for MemoryTx {
@@ -710,7 +702,7 @@ impl fmt::Debug for MemoryTx {
             .field("messages", &self.messages.len())
             .field("inbox_entries", &self.inbox.len())
             .field("records", &self.records.len())
-            .field("aborted", &self.aborted.as_ref().map(|a| &a.message))
+            .field("aborted", &self.abort.is_aborted())
             .finish()
     }
 }
@@ -740,20 +732,6 @@ impl MemoryTx {
     /// Number of messages staged so far.
     pub fn staged_messages(&self) -> usize {
         self.messages.len()
-    }
-
-    /// Remember the first failure so commit refuses to apply a partial transaction.
-    fn abort_on<T>(&mut self, result: Result<T>) -> Result<T> {
-        if let Err(e) = &result
-            && self.aborted.is_none()
-        {
-            self.aborted = Some(Abort {
-                kind: e.kind(),
-                message: e.message().to_owned(),
-                retryable: e.is_retryable(),
-            });
-        }
-        result
     }
 
     fn stage(&mut self, message: &Message) -> Result<()> {
@@ -791,26 +769,27 @@ impl MemoryTx {
 #[async_trait]
 impl Transaction for MemoryTx {
     async fn add(&mut self, message: &Message) -> Result<()> {
+        self.abort.check()?;
         let result = self.stage(message);
-        self.abort_on(result)
+        self.abort.track(result)
+    }
+
+    async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
+        self.abort.check()?;
+        for m in messages {
+            self.add(m).await?;
+        }
+        Ok(())
     }
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
+        self.abort.check()?;
         let result = self.stage_inbox(entry);
-        self.abort_on(result)
+        self.abort.track(result)
     }
 
     async fn commit(self) -> Result<Committed> {
-        if let Some(abort) = self.aborted {
-            return Err(Error::new(
-                abort.kind,
-                format!(
-                    "transaction not committed because an earlier operation failed: {}",
-                    abort.message
-                ),
-            )
-            .set_retryable(abort.retryable));
-        }
+        self.abort.check()?;
         let inner = &self.store.inner;
         let now = inner.clock.now();
         let mut st = self.store.lock();
@@ -887,8 +866,8 @@ mod tests {
 
     fn store_with(clock: &ManualClock) -> MemoryStore {
         MemoryStore::builder()
-            .clock(Arc::new(clock.clone()))
-            .shard_count(4)
+            .with_clock(Arc::new(clock.clone()))
+            .with_shard_count(4)
             .build()
             .unwrap()
     }
@@ -903,16 +882,19 @@ mod tests {
 
     #[test]
     fn builder_rejects_bad_config() {
-        let e = MemoryStore::builder().shard_count(0).build().unwrap_err();
+        let e = MemoryStore::builder()
+            .with_shard_count(0)
+            .build()
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
         assert!(e.to_string().contains("shard_count"), "{e}");
         let e = MemoryStore::builder()
-            .inbox_retention(Duration::ZERO)
+            .with_inbox_retention(Duration::ZERO)
             .build()
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
         let e = MemoryStore::builder()
-            .max_message_size(Some(0))
+            .with_max_message_size(Some(0))
             .build()
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
@@ -1014,10 +996,9 @@ mod tests {
             tx.add(&m).await.unwrap_err().kind(),
             ErrorKind::AlreadyExists
         );
-        assert_eq!(
-            tx.commit().await.unwrap_err().kind(),
-            ErrorKind::AlreadyExists
-        );
+        let refused = tx.commit().await.unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused}");
+        assert!(refused.message().contains(&m.id.to_string()), "{refused}");
         assert!(store.get(fresh.id).await.unwrap().is_none());
         assert_eq!(store.record("r"), None);
     }
@@ -1188,8 +1169,8 @@ mod tests {
     async fn inbox_entries_expire_with_the_clock() {
         let clock = ManualClock::new();
         let store = MemoryStore::builder()
-            .clock(Arc::new(clock.clone()))
-            .inbox_retention(Duration::from_secs(60))
+            .with_clock(Arc::new(clock.clone()))
+            .with_inbox_retention(Duration::from_secs(60))
             .build()
             .unwrap();
         let e = InboxEntry::new(MessageId::new(), "h");
@@ -1247,7 +1228,7 @@ mod tests {
     #[tokio::test]
     async fn size_limit_and_batch_duplicates() {
         let store = MemoryStore::builder()
-            .max_message_size(Some(100))
+            .with_max_message_size(Some(100))
             .build()
             .unwrap();
         let big = Message::builder("t")
