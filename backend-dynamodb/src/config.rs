@@ -6,10 +6,7 @@ use std::time::Duration;
 
 use outbox_core::{Error, Result, SharedClock, SystemClock};
 
-/// Default number of shards.
-pub const DEFAULT_SHARD_COUNT: u32 = 16;
-/// Default inbox dedup window.
-pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use outbox_core::rules::{DEFAULT_INBOX_RETENTION, DEFAULT_SHARD_COUNT};
 /// Default time a dispatched message is kept before DynamoDB's TTL may delete it.
 pub const DEFAULT_DISPATCHED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default number of attempts of one commit that loses races on a shard's sequence counter.

@@ -587,7 +587,7 @@ impl Transaction for DynamoDbUnitOfWork {
     }
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        crate::inbox::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         if self.inbox.contains(entry) {
             return Ok(InsertOutcome::Duplicate);
         }

@@ -534,13 +534,13 @@ impl OutboxStore for PgStore {
 #[async_trait]
 impl InboxStore for PgStore {
     async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let mut conn = self.acquire().await?;
         ops::inbox_insert(&mut conn, &self.core, entry, self.now()).await
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         sqlx::query_scalar(q(&self.core.sql.inbox_contains))
             .bind(entry.message_id.as_uuid())
             .bind(&entry.handler_key)

@@ -127,7 +127,7 @@ impl Transaction for PgTx {
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
         self.check_open()?;
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let core = self.store.core.clone();
         let now = core.clock.now();
         match ops::inbox_insert(&mut self.tx, &core, entry, now).await {

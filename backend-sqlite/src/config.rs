@@ -6,15 +6,9 @@ use std::time::Duration;
 
 use outbox_core::{Clock, Error, Result, SharedClock, SystemClock};
 
-/// Default table prefix.
-pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
-/// Default number of shards.
-pub const DEFAULT_SHARD_COUNT: u32 = 16;
-/// Default inbox dedup window: 7 days.
-pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-/// Default largest accepted message (as [`Message::encoded_size`](outbox_core::Message::encoded_size)
-/// measures it): 10 MiB.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+pub use outbox_core::rules::{
+    DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX,
+};
 /// Default number of pooled connections.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Default time a statement waits for the database write lock before failing with a retryable

@@ -567,7 +567,7 @@ fn chrono_duration(d: Duration) -> Option<chrono::Duration> {
 #[async_trait]
 impl InboxStore for SqliteStore {
     async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let entry = entry.clone();
         let now = self.core.clock.now();
         self.write(move |c, core| ops::inbox_insert(c, core, &entry, now))
@@ -575,7 +575,7 @@ impl InboxStore for SqliteStore {
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let entry = entry.clone();
         let now = to_micros(self.core.clock.now());
         self.read(move |c, core| {
