@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use outbox_core::rules::{
     check_lease, check_lease_names, check_lease_ttl, check_name, lease_lost, lease_token,
+    signed_token,
 };
 use outbox_core::{
     DateTime, DistributedLock, Error, Lease, Result, Utc, add_duration, async_trait,
@@ -141,9 +142,7 @@ impl DistributedLock for PgLock {
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
         check_lease(lease)?;
         let ttl_interval = interval(ttl)?;
-        let Ok(token) = i64::try_from(lease.token) else {
-            return Err(lease_lost(lease, "unknown token"));
-        };
+        let token = signed_token(lease)?;
         let ctx = |e| {
             parse_error_with(
                 e,
@@ -173,9 +172,7 @@ impl DistributedLock for PgLock {
 
     async fn release(&self, lease: &Lease) -> Result<()> {
         check_lease(lease)?;
-        let Ok(token) = i64::try_from(lease.token) else {
-            return Err(lease_lost(lease, "unknown token"));
-        };
+        let token = signed_token(lease)?;
         let done = sqlx::query(q(&self.core.sql.lease_release))
             .bind(&lease.resource)
             .bind(&lease.owner)

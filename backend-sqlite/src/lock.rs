@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use outbox_core::rules::{
     check_lease, check_lease_names, check_lease_ttl, check_name, lease_lost, lease_token,
+    signed_token,
 };
 use outbox_core::{
     DateTime, DistributedLock, Error, Lease, Result, Utc, add_duration, async_trait,
@@ -56,7 +57,7 @@ fn get_row(conn: &Connection, core: &Core, resource: &str) -> Result<Option<Row>
 /// Check that `lease` is the current holder's (owner and token); the stored expiry is not
 /// checked: a lapsed lease nobody took over is still held.
 fn check_holder(conn: &Connection, core: &Core, lease: &Lease) -> Result<i64> {
-    let token = i64::try_from(lease.token).map_err(|_| lease_lost(lease, "unknown token"))?;
+    let token = signed_token(lease)?;
     match get_row(conn, core, &lease.resource)? {
         None => Err(lease_lost(lease, "the resource was never leased")),
         Some((None, _, _)) => Err(lease_lost(lease, "it was released")),

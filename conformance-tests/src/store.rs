@@ -1307,15 +1307,15 @@ pub async fn invalid_input<S: TransactionalStore>(f: &Fixture<S>) {
     let mut m = msg("t");
     m.correlation_id = Some(over_long_name("c"));
     cases.push(("correlation_id one byte over MAX_FIELD_LEN".to_owned(), m));
-    let nul = || Some("a\0b".to_owned());
-    let trace: [(&str, fn(&mut Message, Option<String>)); 3] = [
-        ("traceparent", |m, v| m.trace.traceparent = v),
-        ("tracestate", |m, v| m.trace.tracestate = v),
-        ("baggage", |m, v| m.trace.baggage = v),
-    ];
-    for (field, set) in trace {
+    for field in ["traceparent", "tracestate", "baggage"] {
         let mut m = msg("t");
-        set(&mut m, nul());
+        let trace = &mut m.trace;
+        let slot = match field {
+            "traceparent" => &mut trace.traceparent,
+            "tracestate" => &mut trace.tracestate,
+            _ => &mut trace.baggage,
+        };
+        *slot = Some("a\0b".to_owned());
         cases.push((format!("NUL in {field}"), m));
     }
     let transactions = store.capabilities().transactions;

@@ -40,6 +40,39 @@ pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
 /// [`Message::encoded_size`](crate::Message::encoded_size) measures it): 10 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 
+/// Check a configured shard count: between 1 and `max`, the backend's own bound.
+///
+/// # Errors
+/// `ConfigInvalid` naming `shard_count` otherwise.
+pub fn check_shard_count(count: u32, max: u32) -> Result<()> {
+    if count == 0 || count > max {
+        return Err(Error::config(format!(
+            "shard_count must be between 1 and {max}, got {count}"
+        )));
+    }
+    Ok(())
+}
+
+/// Check a configured inbox retention: more than zero (a zero dedup window never detects a
+/// duplicate) and small enough to add to a timestamp.
+///
+/// # Errors
+/// `ConfigInvalid` naming `inbox_retention` otherwise.
+pub fn check_inbox_retention(retention: Duration) -> Result<()> {
+    if retention.is_zero() {
+        return Err(Error::config(
+            "inbox_retention must be more than zero (a zero dedup window never detects a \
+             duplicate)",
+        ));
+    }
+    if chrono::Duration::from_std(retention).is_err() {
+        return Err(Error::config(format!(
+            "inbox_retention {retention:?} is too large"
+        )));
+    }
+    Ok(())
+}
+
 /// Check text of any length: it must not contain NUL.
 ///
 /// # Errors
@@ -152,6 +185,14 @@ pub fn lease_token(stored: i64) -> Result<u64> {
         .map_err(|_| Error::unexpected(format!("stored lease token {stored} is negative")))
 }
 
+/// The fencing token of `lease` as the signed integer SQL stores.
+///
+/// # Errors
+/// `LeaseLost` for a token over `i64::MAX`: no store issued it.
+pub fn signed_token(lease: &Lease) -> Result<i64> {
+    i64::try_from(lease.token).map_err(|_| lease_lost(lease, "unknown token"))
+}
+
 /// The error of entry `index` of a batch: same kind and retryability, the message says which
 /// entry failed and that nothing of the batch was written; `e` is kept as the source.
 pub fn batch_error(e: Error, index: usize) -> Error {
@@ -228,9 +269,37 @@ mod tests {
     }
 
     #[test]
+    fn config_rules() {
+        assert!(check_shard_count(1, 1).is_ok());
+        for (n, max) in [(0, 16), (17, 16)] {
+            let e = check_shard_count(n, max).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
+            assert!(e.message().contains("shard_count"), "{e}");
+        }
+        assert!(check_inbox_retention(DEFAULT_INBOX_RETENTION).is_ok());
+        for d in [Duration::ZERO, Duration::MAX] {
+            let e = check_inbox_retention(d).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::ConfigInvalid);
+            assert!(e.message().contains("inbox_retention"), "{e}");
+        }
+    }
+
+    #[test]
     fn tokens_and_batch_errors() {
         assert_eq!(lease_token(7).unwrap(), 7);
         assert_eq!(lease_token(-1).unwrap_err().kind(), ErrorKind::Unexpected);
+        let mut huge = Lease {
+            resource: "r".to_owned(),
+            owner: "o".to_owned(),
+            token: u64::MAX,
+            expires_at: chrono::Utc::now(),
+        };
+        assert_eq!(
+            signed_token(&huge).unwrap_err().kind(),
+            ErrorKind::LeaseLost
+        );
+        huge.token = 9;
+        assert_eq!(signed_token(&huge).unwrap(), 9);
         let e = batch_error(Error::unavailable("down"), 3);
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.is_retryable());

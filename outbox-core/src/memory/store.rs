@@ -13,7 +13,9 @@ use crate::clock::{SharedClock, SystemClock, truncate_micros};
 use crate::error::{Error, ErrorKind, Result};
 use crate::inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
 use crate::message::{Message, MessageId, MessageStatus, StoredMessage, shard_for};
-use crate::rules::{batch_error, check_inbox_entry, check_message};
+use crate::rules::{
+    batch_error, check_inbox_entry, check_inbox_retention, check_message, check_shard_count,
+};
 use crate::store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
     PendingQuery, RequeueFilter,
@@ -77,20 +79,11 @@ impl MemoryStoreBuilder {
     /// Check the configuration and create the (empty) store.
     ///
     /// # Errors
-    /// [`ErrorKind::ConfigInvalid`] for a shard count of 0, a zero inbox retention or a
-    /// maximum message size of 0.
+    /// [`ErrorKind::ConfigInvalid`] for a shard count of 0, a zero (or too large) inbox
+    /// retention ([`crate::rules`]) or a maximum message size of 0.
     pub fn build(self) -> Result<MemoryStore> {
-        if self.shard_count == 0 {
-            return Err(Error::config(
-                "memory store shard_count must be at least 1 (got 0)",
-            ));
-        }
-        if self.inbox_retention.is_zero() {
-            return Err(Error::config(
-                "memory store inbox_retention must be greater than zero (a zero dedup window \
-                 would never detect a duplicate)",
-            ));
-        }
+        check_shard_count(self.shard_count, u32::MAX)?;
+        check_inbox_retention(self.inbox_retention)?;
         if self.max_message_size == Some(0) {
             return Err(Error::config(
                 "memory store max_message_size must be greater than zero (use None for no limit)",
