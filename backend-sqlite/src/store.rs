@@ -249,7 +249,8 @@ fn park_undecodable(conn: &Connection, core: &Core, rows: &[(i64, String)]) -> R
     );
     let mut stmt = conn.prepare_cached(&sql).map_err(ctx)?;
     for (sequence, reason) in rows {
-        stmt.execute(params![sequence, reason]).map_err(ctx)?;
+        stmt.execute(params![sequence, outbox_core::rules::error_text(reason)])
+            .map_err(ctx)?;
     }
     Ok(())
 }
@@ -402,6 +403,7 @@ impl OutboxStore for SqliteStore {
 
     async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
         let attempt = attempt.clone();
+        let error = outbox_core::rules::error_text(&attempt.error);
         self.write(move |c, core| {
             let ctx = |e| parse_error_with(e, format_args!("recording a failed attempt of {id}"));
             let state: Option<(String, i64)> = c
@@ -425,7 +427,7 @@ impl OutboxStore for SqliteStore {
             if attempts >= attempt.max_attempts {
                 c.prepare_cached(&core.sql.mark_parked)
                     .map_err(ctx)?
-                    .execute(params![id.to_string(), i64::from(attempts), attempt.error])
+                    .execute(params![id.to_string(), i64::from(attempts), error])
                     .map_err(ctx)?;
                 Ok(FailureOutcome::Parked { attempts })
             } else {
@@ -435,7 +437,7 @@ impl OutboxStore for SqliteStore {
                     .execute(params![
                         id.to_string(),
                         i64::from(attempts),
-                        attempt.error,
+                        error,
                         to_micros(next)
                     ])
                     .map_err(ctx)?;

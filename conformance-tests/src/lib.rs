@@ -103,6 +103,7 @@ macro_rules! __store_cases {
             store_size_limit => $crate::store::size_limit,
             store_invalid_input => $crate::store::invalid_input,
             store_longest_names_round_trip => $crate::store::longest_names_round_trip,
+            store_last_error_rule => $crate::store::last_error_rule,
             store_list_filters_and_order => $crate::store::list_filters_and_order,
             store_dispatched_since_counts => $crate::store::dispatched_since_counts,
         }

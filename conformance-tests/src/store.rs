@@ -1395,6 +1395,54 @@ pub async fn longest_names_round_trip<S: TransactionalStore>(f: &Fixture<S>) {
     }
 }
 
+/// The shared rule for `last_error` (`outbox_core::rules::error_text`), the same on every
+/// backend, retrying or parked: a NUL in the error text is kept as U+FFFD; a text of exactly
+/// `MAX_LAST_ERROR` bytes is kept whole; a longer one is cut at a character boundary to at
+/// most `MAX_LAST_ERROR` bytes ending in `...`, a prefix of the original.
+pub async fn last_error_rule<S: TransactionalStore>(f: &Fixture<S>) {
+    use outbox_core::rules::MAX_LAST_ERROR;
+    let store = &*f.outbox;
+    let exact = "ü".repeat(MAX_LAST_ERROR / 2);
+    let long = format!("x{}", "ü".repeat(MAX_LAST_ERROR));
+    for max_attempts in [5, 1] {
+        let stored_error = |error: String| async move {
+            let m = msg("errors");
+            add(store, &m).await;
+            let attempt = retry_after(&f.clock, Duration::from_secs(10), max_attempts, &error);
+            ok(store.mark_failed(m.id, &attempt).await, "mark_failed");
+            get(store, m.id)
+                .await
+                .last_error
+                .unwrap_or_else(|| panic!("no last_error stored for {max_attempts} attempts"))
+        };
+        let how = if max_attempts == 1 {
+            "parked"
+        } else {
+            "retrying"
+        };
+        assert_eq!(
+            stored_error("broker\0down".to_owned()).await,
+            "broker\u{fffd}down",
+            "{how}: NUL is kept as U+FFFD"
+        );
+        assert_eq!(
+            stored_error(exact.clone()).await,
+            exact,
+            "{how}: MAX_LAST_ERROR bytes are kept whole"
+        );
+        let cut = stored_error(long.clone()).await;
+        assert!(
+            cut.len() <= MAX_LAST_ERROR && cut.ends_with("..."),
+            "{how}: a longer error is cut to MAX_LAST_ERROR bytes ending in ...: {} bytes",
+            cut.len()
+        );
+        assert!(
+            cut.len() > MAX_LAST_ERROR - 8 && long.starts_with(cut.trim_end_matches("...")),
+            "{how}: the cut error is the start of the original"
+        );
+    }
+}
+
 /// `dispatched_since`: `None` (the backend cannot count) or the exact number of messages
 /// dispatched at or after the instant; pending and parked messages never count.
 pub async fn dispatched_since_counts<S: TransactionalStore>(f: &Fixture<S>) {

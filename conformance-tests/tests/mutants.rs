@@ -52,6 +52,8 @@ enum Flaw {
     StripsNul,
     /// Topics come back cut to 255 bytes (a backend with a shorter column).
     TruncatesTopic,
+    /// `last_error` comes back cut to 255 bytes.
+    TruncatesLastError,
     /// No flaw: the suite's own correct inbox (baseline of the inbox flaws).
     InboxBaseline,
     InboxNoExpiry,
@@ -190,6 +192,9 @@ impl OutboxStore for Mutant {
             }
             if self.flaw == Flaw::TruncatesTopic {
                 s.message.topic = truncated(&s.message.topic, 255);
+            }
+            if self.flaw == Flaw::TruncatesLastError {
+                s.last_error = s.last_error.map(|e| truncated(&e, 255));
             }
             if self.flaw == Flaw::WrongShard && s.message.key.is_none() {
                 s.shard = (s.shard + 1) % self.inner.shard_count();
@@ -685,6 +690,7 @@ async fn store_cases_catch_write_flaws() {
     catches!(Flaw::WrongShard, store::round_trip, store::shard_assignment);
     catches!(Flaw::StripsNul, store::invalid_input);
     catches!(Flaw::TruncatesTopic, store::longest_names_round_trip);
+    catches!(Flaw::TruncatesLastError, store::last_error_rule);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -40,6 +40,25 @@ pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
 /// [`Message::encoded_size`](crate::Message::encoded_size) measures it): 10 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
 
+/// Longest stored `last_error`, in bytes: 1024. A longer error text is cut (see
+/// [`error_text`]) so it fits in every backend's item or row next to the message.
+pub const MAX_LAST_ERROR: usize = 1024;
+
+/// The error text a store keeps as `last_error` for `error`: NUL replaced by U+FFFD (the
+/// text is diagnostics, so it is kept rather than refused), cut at a character boundary to
+/// at most [`MAX_LAST_ERROR`] bytes, ending in `...` when cut.
+pub fn error_text(error: &str) -> String {
+    let text = error.replace('\0', "\u{fffd}");
+    if text.len() <= MAX_LAST_ERROR {
+        return text;
+    }
+    let mut end = MAX_LAST_ERROR - 3;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 /// Check a configured shard count: between 1 and `max`, the backend's own bound.
 ///
 /// # Errors
@@ -266,6 +285,22 @@ mod tests {
             Some(ErrorKind::InvalidInput)
         );
         assert_eq!(kind(check_lease_ttl(Duration::from_micros(1))), None);
+    }
+
+    #[test]
+    fn error_texts_are_clean_and_bounded() {
+        assert_eq!(error_text("broker down"), "broker down");
+        assert_eq!(error_text("a\0b"), "a\u{fffd}b");
+        let long = "ü".repeat(MAX_LAST_ERROR);
+        let cut = error_text(&long);
+        assert!(
+            cut.len() <= MAX_LAST_ERROR && cut.ends_with("..."),
+            "{}",
+            cut.len()
+        );
+        assert!(long.starts_with(cut.trim_end_matches("...")));
+        let exact = "x".repeat(MAX_LAST_ERROR);
+        assert_eq!(error_text(&exact), exact);
     }
 
     #[test]

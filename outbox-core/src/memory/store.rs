@@ -15,6 +15,7 @@ use crate::inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
 use crate::message::{Message, MessageId, MessageStatus, StoredMessage, shard_for};
 use crate::rules::{
     batch_error, check_inbox_entry, check_inbox_retention, check_message, check_shard_count,
+    error_text,
 };
 use crate::store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
@@ -437,7 +438,7 @@ impl OutboxStore for MemoryStore {
             return Ok(FailureOutcome::NotPending);
         }
         m.attempts = m.attempts.saturating_add(1);
-        m.last_error = Some(attempt.error.clone());
+        m.last_error = Some(error_text(&attempt.error));
         if m.attempts >= attempt.max_attempts {
             m.status = MessageStatus::Parked;
             m.next_attempt_at = None;
