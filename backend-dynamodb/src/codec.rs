@@ -85,8 +85,6 @@ pub const MAX_ITEM_SIZE: usize = 400_000;
 /// Room kept in every message item for what the store writes later (`last_error`, dispatch
 /// time, TTL, attempts, index keys).
 pub const ITEM_HEADROOM: usize = 2 * 1024;
-/// Longest `last_error` kept (longer errors are cut at a character boundary and marked).
-pub const MAX_LAST_ERROR: usize = 1024;
 
 pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
@@ -336,16 +334,4 @@ pub fn value_size(v: &AttributeValue) -> usize {
 /// Size of an item by DynamoDB's rules: attribute names plus values.
 pub fn item_size(item: &HashMap<String, AttributeValue>) -> usize {
     item.iter().map(|(k, v)| k.len() + value_size(v)).sum()
-}
-
-/// Cut an error text to [`MAX_LAST_ERROR`] bytes at a character boundary.
-pub(crate) fn clip_error(e: &str) -> String {
-    if e.len() <= MAX_LAST_ERROR {
-        return e.to_owned();
-    }
-    let mut end = MAX_LAST_ERROR - 3;
-    while !e.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &e[..end])
 }

@@ -6,10 +6,8 @@ use std::time::Duration;
 
 use outbox_core::{Error, Result, SharedClock, SystemClock};
 
-/// Default number of shards.
-pub const DEFAULT_SHARD_COUNT: u32 = 16;
-/// Default inbox dedup window.
-pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use outbox_core::rules::{DEFAULT_INBOX_RETENTION, DEFAULT_SHARD_COUNT};
+use outbox_core::rules::{check_inbox_retention, check_shard_count};
 /// Default time a dispatched message is kept before DynamoDB's TTL may delete it.
 pub const DEFAULT_DISPATCHED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default number of attempts of one commit that loses races on a shard's sequence counter.
@@ -151,17 +149,8 @@ impl DynamoDbConfig {
                 "table_prefix {p:?} contains {c:?}; DynamoDB table names allow a-z A-Z 0-9 _ - ."
             )));
         }
-        if self.shard_count == 0 || self.shard_count > MAX_SHARD_COUNT {
-            return Err(Error::config(format!(
-                "shard_count is {}; it must be between 1 and {MAX_SHARD_COUNT}",
-                self.shard_count
-            )));
-        }
-        if self.inbox_retention.is_zero() {
-            return Err(Error::config(
-                "inbox_retention must be greater than zero (a zero dedup window never detects a duplicate)",
-            ));
-        }
+        check_shard_count(self.shard_count, MAX_SHARD_COUNT)?;
+        check_inbox_retention(self.inbox_retention)?;
         if self.dispatched_ttl.is_zero() {
             return Err(Error::config("dispatched_ttl must be greater than zero"));
         }

@@ -6,8 +6,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
 use aws_sdk_dynamodb::types::{Put, ReturnConsumedCapacity};
+use outbox_core::rules::check_inbox_entry;
 use outbox_core::{
-    Error, InboxEntry, InboxStore, InsertOutcome, Result, TransactionalStore, inbox_expiry,
+    InboxEntry, InboxStore, InsertOutcome, Result, TransactionalStore, inbox_expiry,
 };
 
 use crate::codec::{self, EXPIRES, PK, SK, TTL, get_n, n, s};
@@ -16,24 +17,10 @@ use crate::request::{Meta, build_err, send, send_conditional};
 use crate::store::DynamoDbStore;
 use crate::uow::DynamoDbTx;
 
-/// Check an inbox entry's handler key.
-pub(crate) fn check_entry(entry: &InboxEntry) -> Result<()> {
-    if entry.handler_key.is_empty() {
-        return Err(Error::invalid_input("inbox handler key must not be empty"));
-    }
-    if entry.handler_key.len() > 1024 {
-        return Err(Error::invalid_input(format!(
-            "inbox handler key is {} bytes long; DynamoDB sort keys hold at most 1024",
-            entry.handler_key.len()
-        )));
-    }
-    Ok(())
-}
-
 impl DynamoDbStore {
     /// The conditional Put of an inbox entry: absent, or present but expired.
     pub(crate) fn inbox_put(&self, entry: &InboxEntry) -> Result<Put> {
-        check_entry(entry)?;
+        check_inbox_entry(entry)?;
         let now = self.inner.config.clock.now();
         let expires = inbox_expiry(now, self.inner.config.inbox_retention);
         Put::builder()
@@ -80,7 +67,7 @@ impl InboxStore for DynamoDbStore {
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
-        check_entry(entry)?;
+        check_inbox_entry(entry)?;
         let out: GetItemOutput = send(
             &self.inner.meter,
             Meta::read("inbox_contains"),

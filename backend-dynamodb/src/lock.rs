@@ -6,8 +6,9 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
 use aws_sdk_dynamodb::types::{ReturnConsumedCapacity, ReturnValue};
+use outbox_core::rules::{check_lease, check_lease_names, check_lease_ttl, check_name, lease_lost};
 use outbox_core::{
-    DateTime, DistributedLock, Error, ErrorKind, Lease, Result, SharedClock, Utc, add_duration,
+    DateTime, DistributedLock, Error, Lease, Result, SharedClock, Utc, add_duration,
 };
 
 use crate::codec::{EXPIRES, Item, OWNER, PK, TOKEN, get_n, get_s, micros, n, s};
@@ -44,38 +45,6 @@ impl std::fmt::Debug for DynamoDbLock {
             .field("clock", &self.clock)
             .finish()
     }
-}
-
-fn check(what: &str, v: &str) -> Result<()> {
-    if v.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "lock {what} must not be empty"
-        )));
-    }
-    if v.len() > 1024 {
-        return Err(Error::invalid_input(format!(
-            "lock {what} is {} bytes long; at most 1024",
-            v.len()
-        )));
-    }
-    Ok(())
-}
-
-fn check_ttl(ttl: Duration) -> Result<()> {
-    if ttl.is_zero() {
-        return Err(Error::invalid_input("lock ttl must be greater than zero"));
-    }
-    Ok(())
-}
-
-fn lease_lost(lease: &Lease, why: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseLost,
-        format!(
-            "lease on {:?} (owner {:?}, token {}) {why}",
-            lease.resource, lease.owner, lease.token
-        ),
-    )
 }
 
 fn lease_from(resource: &str, item: Option<&Item>) -> Result<Lease> {
@@ -138,9 +107,8 @@ impl DynamoDbLock {
 #[async_trait]
 impl DistributedLock for DynamoDbLock {
     async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
-        check("resource", resource)?;
-        check("owner", owner)?;
-        check_ttl(ttl)?;
+        check_lease_names(resource, owner)?;
+        check_lease_ttl(ttl)?;
         let now = self.clock.now();
         let expires = add_duration(now, ttl);
         let take = self
@@ -185,9 +153,8 @@ impl DistributedLock for DynamoDbLock {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        check("resource", &lease.resource)?;
-        check("owner", &lease.owner)?;
-        check_ttl(ttl)?;
+        check_lease(lease)?;
+        check_lease_ttl(ttl)?;
         let expires = add_duration(self.clock.now(), ttl);
         let req = self
             .client
@@ -205,16 +172,12 @@ impl DistributedLock for DynamoDbLock {
             .return_values(ReturnValue::AllNew);
         match self.conditional("lock_renew", req).await? {
             Some(out) => lease_from(&lease.resource, out.attributes()),
-            None => Err(lease_lost(
-                lease,
-                "is no longer held (released or taken over)",
-            )),
+            None => Err(lease_lost(lease, "it was released or taken over")),
         }
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        check("resource", &lease.resource)?;
-        check("owner", &lease.owner)?;
+        check_lease(lease)?;
         let req = self
             .client
             .update_item()
@@ -230,15 +193,12 @@ impl DistributedLock for DynamoDbLock {
             .expression_attribute_values(":zero", n(0));
         match self.conditional("lock_release", req).await? {
             Some(_) => Ok(()),
-            None => Err(lease_lost(
-                lease,
-                "cannot be released: the caller is not the holder",
-            )),
+            None => Err(lease_lost(lease, "the caller is not the holder")),
         }
     }
 
     async fn current(&self, resource: &str) -> Result<Option<Lease>> {
-        check("resource", resource)?;
+        check_name("lease resource", resource)?;
         let req = self
             .client
             .get_item()

@@ -384,7 +384,7 @@ impl OutboxStore for DynamoDbStore {
 
     async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
         self.ensure_open().await?;
-        let error = codec::clip_error(&attempt.error);
+        let error = outbox_core::rules::error_text(&attempt.error);
         for _ in 0..16 {
             let Some((shard, slot, item)) = self.find(&id, "mark_failed").await? else {
                 return Err(Error::new(

@@ -459,7 +459,7 @@ impl DynamoDbStore {
                 .expression_attribute_names("#le", LAST_ERROR)
                 .expression_attribute_names("#pz", POISON)
                 .expression_attribute_values(":parked", s(MessageStatus::Parked.as_str()))
-                .expression_attribute_values(":le", s(codec::clip_error(&p.reason)))
+                .expression_attribute_values(":le", s(outbox_core::rules::error_text(&p.reason)))
                 .expression_attribute_values(":t", AttributeValue::Bool(true))
                 .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
                 .send(),

@@ -267,7 +267,7 @@ impl DynamoDbStore {
 
     /// Validate a message and return its item size, or `PayloadTooLarge`.
     pub(crate) fn checked_size(&self, message: &Message) -> Result<usize> {
-        message.validate()?;
+        outbox_core::rules::check_message(message)?;
         let size = codec::item_size(&self.message_item(message));
         if size > MAX_MESSAGE_SIZE {
             return Err(Error::new(

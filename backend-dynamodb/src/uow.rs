@@ -275,7 +275,7 @@ impl DynamoDbTx {
 
     /// Stage an inbox entry after checking it and the limits; on error nothing is staged.
     fn stage_inbox(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        crate::inbox::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         if self.inbox.contains(entry) {
             return Ok(InsertOutcome::Duplicate);
         }

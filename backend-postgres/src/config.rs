@@ -8,15 +8,10 @@ use outbox_core::{Clock, Error, Result, SharedClock, SystemClock};
 
 /// Default schema.
 pub const DEFAULT_SCHEMA: &str = "public";
-/// Default table prefix.
-pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
-/// Default number of shards.
-pub const DEFAULT_SHARD_COUNT: u32 = 16;
-/// Default inbox dedup window: 7 days.
-pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-/// Default largest accepted message (as
-/// [`Message::encoded_size`](outbox_core::Message::encoded_size) measures it): 10 MiB.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+pub use outbox_core::rules::{
+    DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX,
+};
+use outbox_core::rules::{check_inbox_retention, check_shard_count};
 /// The largest accepted `max_message_size`: 256 MiB. PostgreSQL's own limit for one `bytea`
 /// value is 1 GB, and a protocol message (all parameters of one statement) is limited to 1 GB
 /// too; a quarter of that leaves room for batches.
@@ -246,19 +241,8 @@ impl PgConfig {
             )));
         }
         validate_ident("table_prefix", &self.table_prefix)?;
-        if self.shard_count == 0 || self.shard_count > i32::MAX as u32 {
-            return Err(Error::config(format!(
-                "shard_count must be between 1 and {}, got {}",
-                i32::MAX,
-                self.shard_count
-            )));
-        }
-        if self.inbox_retention.is_zero() {
-            return Err(Error::config("inbox_retention must be more than zero"));
-        }
-        if chrono::Duration::from_std(self.inbox_retention).is_err() {
-            return Err(Error::config("inbox_retention is too large"));
-        }
+        check_shard_count(self.shard_count, i32::MAX as u32)?;
+        check_inbox_retention(self.inbox_retention)?;
         if self.max_message_size == 0 || self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {
             return Err(Error::config(format!(
                 "max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes, got {}",

@@ -4,9 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox_core::rules::{
+    check_lease, check_lease_names, check_lease_ttl, check_name, lease_lost, lease_token,
+    signed_token,
+};
 use outbox_core::{
-    DateTime, DistributedLock, Error, ErrorKind, Lease, MAX_FIELD_LEN, Result, Utc, add_duration,
-    async_trait,
+    DateTime, DistributedLock, Error, Lease, Result, Utc, add_duration, async_trait,
 };
 use sqlx::Row;
 use sqlx::postgres::types::PgInterval;
@@ -42,30 +45,8 @@ impl fmt::Debug for PgLock {
     }
 }
 
-fn check_name(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "lease {what} must not be empty"
-        )));
-    }
-    if value.len() > MAX_FIELD_LEN {
-        return Err(Error::invalid_input(format!(
-            "lease {what} is {} bytes long; the limit is {MAX_FIELD_LEN}",
-            value.len()
-        )));
-    }
-    if value.contains('\0') {
-        return Err(Error::invalid_input(format!(
-            "lease {what} must not contain NUL characters"
-        )));
-    }
-    Ok(())
-}
-
 fn interval(ttl: Duration) -> Result<PgInterval> {
-    if ttl.is_zero() {
-        return Err(Error::invalid_input("lease ttl must be more than zero"));
-    }
+    check_lease_ttl(ttl)?;
     let microseconds = i64::try_from(ttl.as_micros())
         .ok()
         .filter(|us| *us > 0)
@@ -79,21 +60,6 @@ fn interval(ttl: Duration) -> Result<PgInterval> {
         days: 0,
         microseconds,
     })
-}
-
-fn token_u64(token: i64) -> Result<u64> {
-    u64::try_from(token)
-        .map_err(|_| Error::unexpected(format!("stored lease token {token} is negative")))
-}
-
-fn lease_lost(lease: &Lease, why: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseLost,
-        format!(
-            "lease on {:?} held by {:?} with token {} is lost: {why}",
-            lease.resource, lease.owner, lease.token
-        ),
-    )
 }
 
 impl PgLock {
@@ -147,8 +113,7 @@ impl PgLock {
 #[async_trait]
 impl DistributedLock for PgLock {
     async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
-        check_name("resource", resource)?;
-        check_name("owner", owner)?;
+        check_lease_names(resource, owner)?;
         let ttl_interval = interval(ttl)?;
         let ctx = |e| parse_error_with(e, format_args!("acquiring the lease on {resource:?}"));
         let local_before = self.core.clock.now();
@@ -169,18 +134,15 @@ impl DistributedLock for PgLock {
         Ok(Some(Lease {
             resource: resource.to_owned(),
             owner: owner.to_owned(),
-            token: token_u64(token)?,
+            token: lease_token(token)?,
             expires_at: self.reported_expiry(local_before, expires, db_now),
         }))
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        check_name("resource", &lease.resource)?;
-        check_name("owner", &lease.owner)?;
+        check_lease(lease)?;
         let ttl_interval = interval(ttl)?;
-        let Ok(token) = i64::try_from(lease.token) else {
-            return Err(lease_lost(lease, "unknown token"));
-        };
+        let token = signed_token(lease)?;
         let ctx = |e| {
             parse_error_with(
                 e,
@@ -209,11 +171,8 @@ impl DistributedLock for PgLock {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        check_name("resource", &lease.resource)?;
-        check_name("owner", &lease.owner)?;
-        let Ok(token) = i64::try_from(lease.token) else {
-            return Err(lease_lost(lease, "unknown token"));
-        };
+        check_lease(lease)?;
+        let token = signed_token(lease)?;
         let done = sqlx::query(q(&self.core.sql.lease_release))
             .bind(&lease.resource)
             .bind(&lease.owner)
@@ -233,7 +192,7 @@ impl DistributedLock for PgLock {
     }
 
     async fn current(&self, resource: &str) -> Result<Option<Lease>> {
-        check_name("resource", resource)?;
+        check_name("lease resource", resource)?;
         let ctx = |e| parse_error_with(e, format_args!("reading the lease on {resource:?}"));
         let local_before = self.core.clock.now();
         let row = sqlx::query(q(&self.core.sql.lease_current))
@@ -252,7 +211,7 @@ impl DistributedLock for PgLock {
         Ok(Some(Lease {
             resource: resource.to_owned(),
             owner,
-            token: token_u64(token)?,
+            token: lease_token(token)?,
             expires_at: self.reported_expiry(local_before, expires, db_now),
         }))
     }

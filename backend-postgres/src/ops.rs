@@ -3,9 +3,10 @@
 //!
 //! [`PgTx`]: crate::PgTx
 
+use outbox_core::rules::{batch_error, check_inbox_entry};
 use outbox_core::{
-    DateTime, Error, ErrorKind, InboxEntry, InsertOutcome, MAX_FIELD_LEN, Message, Result, Utc,
-    inbox_expiry, shard_for,
+    DateTime, Error, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Utc, inbox_expiry,
+    shard_for,
 };
 use sqlx::PgConnection;
 
@@ -14,35 +15,10 @@ use crate::error::{parse_error_with, sqlstate};
 use crate::schema::q;
 use crate::store::Core;
 
-fn no_nul(message: &Message, field: &str, value: &str) -> Result<()> {
-    if value.contains('\0') {
-        return Err(Error::invalid_input(format!(
-            "message {}: {field} must not contain NUL characters (PostgreSQL text cannot store \
-             them)",
-            message.id
-        )));
-    }
-    Ok(())
-}
-
-/// Check a message before writing it: the model's invariants, what PostgreSQL text can hold,
-/// and the size limit.
+/// Check a message before writing it: the shared rules (which keep out what PostgreSQL text
+/// cannot hold), then the size limit.
 pub(crate) fn check_message(core: &Core, message: &Message) -> Result<()> {
-    message
-        .validate()
-        .map_err(|e| Error::new(e.kind(), format!("message {}: {}", message.id, e.message())))?;
-    for (name, value) in &message.headers {
-        no_nul(message, &format!("header {name:?}"), value)?;
-    }
-    for (field, value) in [
-        ("traceparent", &message.trace.traceparent),
-        ("tracestate", &message.trace.tracestate),
-        ("baggage", &message.trace.baggage),
-    ] {
-        if let Some(v) = value {
-            no_nul(message, field, v)?;
-        }
-    }
+    outbox_core::rules::check_message(message)?;
     message.check_size(core.max_message_size)
 }
 
@@ -118,38 +94,6 @@ pub(crate) async fn insert_messages(
     }
 }
 
-fn batch_error(e: Error, index: usize) -> Error {
-    let retryable = e.is_retryable();
-    Error::new(
-        e.kind(),
-        format!(
-            "batch entry {index}: {}; nothing of the batch was written",
-            e.message()
-        ),
-    )
-    .set_retryable(retryable)
-    .with_source(e)
-}
-
-/// Check an inbox entry.
-pub(crate) fn check_entry(entry: &InboxEntry) -> Result<()> {
-    if entry.handler_key.is_empty() {
-        return Err(Error::invalid_input("inbox handler_key must not be empty"));
-    }
-    if entry.handler_key.len() > MAX_FIELD_LEN {
-        return Err(Error::invalid_input(format!(
-            "inbox handler_key is {} bytes long; the limit is {MAX_FIELD_LEN}",
-            entry.handler_key.len()
-        )));
-    }
-    if entry.handler_key.contains('\0') {
-        return Err(Error::invalid_input(
-            "inbox handler_key must not contain NUL characters",
-        ));
-    }
-    Ok(())
-}
-
 /// Insert an inbox entry at `now`: `Inserted` if the pair is absent or its entry expired,
 /// `Duplicate` if a live entry exists. A concurrent insert of the same pair waits for the
 /// other transaction and then sees its entry, so exactly one wins.
@@ -159,7 +103,7 @@ pub(crate) async fn inbox_insert(
     entry: &InboxEntry,
     now: DateTime<Utc>,
 ) -> Result<InsertOutcome> {
-    check_entry(entry)?;
+    check_inbox_entry(entry)?;
     let expires = inbox_expiry(now, core.inbox_retention);
     let done = sqlx::query(q(&core.sql.inbox_insert))
         .bind(entry.message_id.as_uuid())

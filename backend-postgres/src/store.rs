@@ -383,7 +383,9 @@ impl OutboxStore for PgStore {
                     ));
                     sqlx::query(q(&sql))
                         .bind(sequence)
-                        .bind(format!("undecodable stored message: {e}").replace('\0', ""))
+                        .bind(outbox_core::rules::error_text(&format!(
+                            "undecodable stored message: {e}"
+                        )))
                         .execute(&self.core.pool)
                         .await
                         .map_err(|e| parse_error_with(e, "parking an undecodable message"))?;
@@ -411,8 +413,7 @@ impl OutboxStore for PgStore {
     async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
         let ctx = |e| parse_error_with(e, format_args!("recording a failed attempt of {id}"));
         let next = truncate_micros(attempt.next_attempt_at);
-        // PostgreSQL text cannot hold NUL; the error text is diagnostics, so replace it.
-        let error = attempt.error.replace('\0', "\u{fffd}");
+        let error = outbox_core::rules::error_text(&attempt.error);
         let row = sqlx::query(q(&self.core.sql.mark_failed))
             .bind(id.as_uuid())
             .bind(error)
@@ -534,13 +535,13 @@ impl OutboxStore for PgStore {
 #[async_trait]
 impl InboxStore for PgStore {
     async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let mut conn = self.acquire().await?;
         ops::inbox_insert(&mut conn, &self.core, entry, self.now()).await
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         sqlx::query_scalar(q(&self.core.sql.inbox_contains))
             .bind(entry.message_id.as_uuid())
             .bind(&entry.handler_key)

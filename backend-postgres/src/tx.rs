@@ -97,7 +97,7 @@ impl Transaction for PgTx {
         self.abort.check()?;
         let core = self.store.core.clone();
         let now = core.clock.now();
-        let result = match ops::check_entry(entry) {
+        let result = match outbox_core::rules::check_inbox_entry(entry) {
             Ok(()) => ops::inbox_insert(&mut self.tx, &core, entry, now).await,
             Err(e) => Err(e),
         };

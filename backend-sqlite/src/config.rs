@@ -6,15 +6,10 @@ use std::time::Duration;
 
 use outbox_core::{Clock, Error, Result, SharedClock, SystemClock};
 
-/// Default table prefix.
-pub const DEFAULT_TABLE_PREFIX: &str = "outbox_";
-/// Default number of shards.
-pub const DEFAULT_SHARD_COUNT: u32 = 16;
-/// Default inbox dedup window: 7 days.
-pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
-/// Default largest accepted message (as [`Message::encoded_size`](outbox_core::Message::encoded_size)
-/// measures it): 10 MiB.
-pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 10 * 1024 * 1024;
+pub use outbox_core::rules::{
+    DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX,
+};
+use outbox_core::rules::{check_inbox_retention, check_shard_count};
 /// Default number of pooled connections.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Default time a statement waits for the database write lock before failing with a retryable
@@ -253,18 +248,14 @@ impl SqliteConfig {
                  or the in-memory backend of outbox-core"
             )));
         }
-        if self.shard_count == 0 {
-            return Err(Error::config("shard_count must be at least 1"));
-        }
+        check_shard_count(self.shard_count, u32::MAX)?;
         if self.pool_size == 0 || self.pool_size > MAX_POOL_SIZE {
             return Err(Error::config(format!(
                 "pool_size must be between 1 and {MAX_POOL_SIZE}, got {}",
                 self.pool_size
             )));
         }
-        if self.inbox_retention.is_zero() {
-            return Err(Error::config("inbox_retention must be more than zero"));
-        }
+        check_inbox_retention(self.inbox_retention)?;
         if self.max_message_size == 0 || self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {
             return Err(Error::config(format!(
                 "max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes (SQLite's \

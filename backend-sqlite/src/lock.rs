@@ -4,8 +4,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outbox_core::rules::{
+    check_lease, check_lease_names, check_lease_ttl, check_name, lease_lost, lease_token,
+    signed_token,
+};
 use outbox_core::{
-    DateTime, DistributedLock, Error, ErrorKind, Lease, Result, Utc, add_duration, async_trait,
+    DateTime, DistributedLock, Error, Lease, Result, Utc, add_duration, async_trait,
     truncate_micros,
 };
 use rusqlite::{Connection, OptionalExtension, params};
@@ -50,48 +54,10 @@ fn get_row(conn: &Connection, core: &Core, resource: &str) -> Result<Option<Row>
         .map_err(ctx)
 }
 
-fn check_name(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "lease {what} must not be empty"
-        )));
-    }
-    if value.len() > outbox_core::MAX_FIELD_LEN {
-        return Err(Error::invalid_input(format!(
-            "lease {what} is {} bytes long; the limit is {}",
-            value.len(),
-            outbox_core::MAX_FIELD_LEN
-        )));
-    }
-    Ok(())
-}
-
-fn check_ttl(ttl: Duration) -> Result<()> {
-    if ttl.is_zero() {
-        return Err(Error::invalid_input("lease ttl must be more than zero"));
-    }
-    Ok(())
-}
-
-fn token_u64(token: i64) -> Result<u64> {
-    u64::try_from(token)
-        .map_err(|_| Error::unexpected(format!("stored lease token {token} is negative")))
-}
-
-fn lease_lost(lease: &Lease, why: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseLost,
-        format!(
-            "lease on {:?} held by {:?} with token {} is lost: {why}",
-            lease.resource, lease.owner, lease.token
-        ),
-    )
-}
-
 /// Check that `lease` is the current holder's (owner and token); the stored expiry is not
 /// checked: a lapsed lease nobody took over is still held.
 fn check_holder(conn: &Connection, core: &Core, lease: &Lease) -> Result<i64> {
-    let token = i64::try_from(lease.token).map_err(|_| lease_lost(lease, "unknown token"))?;
+    let token = signed_token(lease)?;
     match get_row(conn, core, &lease.resource)? {
         None => Err(lease_lost(lease, "the resource was never leased")),
         Some((None, _, _)) => Err(lease_lost(lease, "it was released")),
@@ -106,9 +72,8 @@ fn check_holder(conn: &Connection, core: &Core, lease: &Lease) -> Result<i64> {
 #[async_trait]
 impl DistributedLock for SqliteLock {
     async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
-        check_name("resource", resource)?;
-        check_name("owner", owner)?;
-        check_ttl(ttl)?;
+        check_lease_names(resource, owner)?;
+        check_lease_ttl(ttl)?;
         let now = self.core.clock.now();
         let expires = truncate_micros(add_duration(now, ttl));
         let (resource, owner) = (resource.to_owned(), owner.to_owned());
@@ -157,7 +122,7 @@ impl DistributedLock for SqliteLock {
                     Ok(Some(Lease {
                         resource: resource.clone(),
                         owner: owner.clone(),
-                        token: token_u64(token)?,
+                        token: lease_token(token)?,
                         expires_at: expires,
                     }))
                 })
@@ -166,7 +131,8 @@ impl DistributedLock for SqliteLock {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        check_ttl(ttl)?;
+        check_lease(lease)?;
+        check_lease_ttl(ttl)?;
         let now = self.core.clock.now();
         let expires = truncate_micros(add_duration(now, ttl));
         let lease = lease.clone();
@@ -201,6 +167,7 @@ impl DistributedLock for SqliteLock {
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
+        check_lease(lease)?;
         let lease = lease.clone();
         let core = self.core.clone();
         self.core
@@ -223,7 +190,7 @@ impl DistributedLock for SqliteLock {
     }
 
     async fn current(&self, resource: &str) -> Result<Option<Lease>> {
-        check_name("resource", resource)?;
+        check_name("lease resource", resource)?;
         let now = to_micros(self.core.clock.now());
         let resource = resource.to_owned();
         let core = self.core.clone();
@@ -234,7 +201,7 @@ impl DistributedLock for SqliteLock {
                     Some((Some(owner), token, exp)) if exp > now => Ok(Some(Lease {
                         resource: resource.clone(),
                         owner,
-                        token: token_u64(token)?,
+                        token: lease_token(token)?,
                         expires_at: expiry(exp)?,
                     })),
                     _ => Ok(None),

@@ -4,9 +4,10 @@
 //!
 //! [`SqliteTx`]: crate::SqliteTx
 
+use outbox_core::rules::{batch_error, check_inbox_entry};
 use outbox_core::{
-    DateTime, Error, ErrorKind, InboxEntry, InsertOutcome, MAX_FIELD_LEN, Message, Result, Utc,
-    inbox_expiry, shard_for,
+    DateTime, Error, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Utc, inbox_expiry,
+    shard_for,
 };
 use rusqlite::{Connection, TransactionBehavior, params};
 
@@ -16,9 +17,7 @@ use crate::store::Core;
 
 /// Check a message before writing it: the model's own invariants, then the size limit.
 pub(crate) fn check_message(core: &Core, message: &Message) -> Result<()> {
-    message
-        .validate()
-        .map_err(|e| Error::new(e.kind(), format!("message {}: {}", message.id, e.message())))?;
+    outbox_core::rules::check_message(message)?;
     message.check_size(core.max_message_size)
 }
 
@@ -37,19 +36,6 @@ pub(crate) fn insert_messages(conn: &Connection, core: &Core, messages: &[Messag
         insert_checked(conn, core, m).map_err(|e| batch_error(e, i))?;
     }
     Ok(())
-}
-
-fn batch_error(e: Error, index: usize) -> Error {
-    let retryable = e.is_retryable();
-    Error::new(
-        e.kind(),
-        format!(
-            "batch entry {index}: {}; nothing of the batch was written",
-            e.message()
-        ),
-    )
-    .set_retryable(retryable)
-    .with_source(e)
 }
 
 fn insert_checked(conn: &Connection, core: &Core, m: &Message) -> Result<()> {
@@ -89,20 +75,6 @@ fn insert_checked(conn: &Connection, core: &Core, m: &Message) -> Result<()> {
     Ok(())
 }
 
-/// Check an inbox entry.
-pub(crate) fn check_entry(entry: &InboxEntry) -> Result<()> {
-    if entry.handler_key.is_empty() {
-        return Err(Error::invalid_input("inbox handler_key must not be empty"));
-    }
-    if entry.handler_key.len() > MAX_FIELD_LEN {
-        return Err(Error::invalid_input(format!(
-            "inbox handler_key is {} bytes long; the limit is {MAX_FIELD_LEN}",
-            entry.handler_key.len()
-        )));
-    }
-    Ok(())
-}
-
 /// Insert an inbox entry at `now`: `Inserted` if the pair is absent or its entry expired,
 /// `Duplicate` if a live entry exists.
 pub(crate) fn inbox_insert(
@@ -111,7 +83,7 @@ pub(crate) fn inbox_insert(
     entry: &InboxEntry,
     now: DateTime<Utc>,
 ) -> Result<InsertOutcome> {
-    check_entry(entry)?;
+    check_inbox_entry(entry)?;
     let ctx = |e| {
         parse_error_with(
             e,

@@ -265,7 +265,8 @@ fn park_undecodable(conn: &Connection, core: &Core, rows: &[(i64, String)]) -> R
     );
     let mut stmt = conn.prepare_cached(&sql).map_err(ctx)?;
     for (sequence, reason) in rows {
-        stmt.execute(params![sequence, reason]).map_err(ctx)?;
+        stmt.execute(params![sequence, outbox_core::rules::error_text(reason)])
+            .map_err(ctx)?;
     }
     Ok(())
 }
@@ -418,6 +419,7 @@ impl OutboxStore for SqliteStore {
 
     async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
         let attempt = attempt.clone();
+        let error = outbox_core::rules::error_text(&attempt.error);
         self.write(move |c, core| {
             let ctx = |e| parse_error_with(e, format_args!("recording a failed attempt of {id}"));
             let state: Option<(String, i64)> = c
@@ -441,7 +443,7 @@ impl OutboxStore for SqliteStore {
             if attempts >= attempt.max_attempts {
                 c.prepare_cached(&core.sql.mark_parked)
                     .map_err(ctx)?
-                    .execute(params![id.to_string(), i64::from(attempts), attempt.error])
+                    .execute(params![id.to_string(), i64::from(attempts), error])
                     .map_err(ctx)?;
                 Ok(FailureOutcome::Parked { attempts })
             } else {
@@ -451,7 +453,7 @@ impl OutboxStore for SqliteStore {
                     .execute(params![
                         id.to_string(),
                         i64::from(attempts),
-                        attempt.error,
+                        error,
                         to_micros(next)
                     ])
                     .map_err(ctx)?;
@@ -583,7 +585,7 @@ fn chrono_duration(d: Duration) -> Option<chrono::Duration> {
 #[async_trait]
 impl InboxStore for SqliteStore {
     async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let entry = entry.clone();
         let now = self.core.clock.now();
         self.write(move |c, core| ops::inbox_insert(c, core, &entry, now))
@@ -591,7 +593,7 @@ impl InboxStore for SqliteStore {
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
-        ops::check_entry(entry)?;
+        outbox_core::rules::check_inbox_entry(entry)?;
         let entry = entry.clone();
         let now = to_micros(self.core.clock.now());
         self.read(move |c, core| {

@@ -9,7 +9,7 @@ use outbox_core::{
 };
 
 use crate::harness::{Fixture, skip};
-use crate::support::{assert_absent, assert_kind, err, msg, ok};
+use crate::support::{assert_absent, assert_kind, bad_names, err, longest_name, msg, ok};
 
 async fn insert(inbox: &dyn InboxStore, e: &InboxEntry) -> InsertOutcome {
     ok(inbox.insert(e).await, &format!("inbox insert({e:?})"))
@@ -404,4 +404,82 @@ pub async fn purge_expired<S: TransactionalStore>(f: &Fixture<S>) {
         0,
         "nothing left to purge"
     );
+}
+
+/// The shared rule for handler keys (`outbox_core::rules`), the same on every backend: an
+/// empty key, a NUL in it or one over `MAX_FIELD_LEN` bytes fails with `InvalidInput` at
+/// `insert`, `contains` and `Transaction::inbox_insert`, and nothing is stored (the message id
+/// can still be inserted with a valid key, and that insert commits).
+pub async fn invalid_handler_key<S: TransactionalStore>(f: &Fixture<S>) {
+    let inbox = &*f.inbox;
+    let transactions = f.outbox.capabilities().transactions;
+    let id = MessageId::new();
+    for (what, key) in bad_names() {
+        let bad = InboxEntry::new(id, key);
+        assert_kind(
+            inbox.insert(&bad).await,
+            ErrorKind::InvalidInput,
+            &format!("insert (handler key {what})"),
+        );
+        assert_kind(
+            inbox.contains(&bad).await,
+            ErrorKind::InvalidInput,
+            &format!("contains (handler key {what})"),
+        );
+        if transactions {
+            let mut tx = ok(f.tx_store.begin().await, "begin");
+            assert_kind(
+                tx.inbox_insert(&bad).await,
+                ErrorKind::InvalidInput,
+                &format!("tx.inbox_insert (handler key {what})"),
+            );
+            ok(tx.rollback().await, "rollback");
+        }
+    }
+    let good = InboxEntry::new(id, "a");
+    assert!(!contains(inbox, &good).await, "nothing was stored");
+    assert_eq!(insert(inbox, &good).await, InsertOutcome::Inserted);
+}
+
+/// A handler key of exactly `MAX_FIELD_LEN` bytes (multi-byte characters) is stored and
+/// deduplicated like any other, through `insert` and `Transaction::inbox_insert`; a key that
+/// differs only in its last byte is independent.
+pub async fn longest_handler_key<S: TransactionalStore>(f: &Fixture<S>) {
+    let inbox = &*f.inbox;
+    let id = MessageId::new();
+    let key = longest_name("handler-");
+    let e = InboxEntry::new(id, key.clone());
+    assert!(!contains(inbox, &e).await, "nothing inserted yet");
+    assert_eq!(insert(inbox, &e).await, InsertOutcome::Inserted);
+    assert!(
+        contains(inbox, &e).await,
+        "the longest handler key is stored"
+    );
+    assert_eq!(insert(inbox, &e).await, InsertOutcome::Duplicate);
+    let mut other = key;
+    other.pop();
+    other.push('y');
+    let sibling = InboxEntry::new(id, other);
+    assert!(
+        !contains(inbox, &sibling).await,
+        "keys differ in the last byte"
+    );
+    assert_eq!(insert(inbox, &sibling).await, InsertOutcome::Inserted);
+    if f.outbox.capabilities().transactions {
+        let in_tx = InboxEntry::new(MessageId::new(), longest_name("tx-"));
+        let mut tx = ok(f.tx_store.begin().await, "begin");
+        assert_eq!(
+            ok(
+                tx.inbox_insert(&in_tx).await,
+                "tx.inbox_insert(longest key)"
+            ),
+            InsertOutcome::Inserted
+        );
+        ok(tx.commit().await, "commit");
+        assert!(
+            contains(inbox, &in_tx).await,
+            "committed with the longest key"
+        );
+        assert_eq!(insert(inbox, &in_tx).await, InsertOutcome::Duplicate);
+    }
 }

@@ -102,6 +102,8 @@ macro_rules! __store_cases {
             store_purge_dispatched_retention_and_limit => $crate::store::purge_dispatched_retention_and_limit,
             store_size_limit => $crate::store::size_limit,
             store_invalid_input => $crate::store::invalid_input,
+            store_longest_names_round_trip => $crate::store::longest_names_round_trip,
+            store_last_error_rule => $crate::store::last_error_rule,
             store_list_filters_and_order => $crate::store::list_filters_and_order,
             store_dispatched_since_counts => $crate::store::dispatched_since_counts,
         }
@@ -139,6 +141,8 @@ macro_rules! __inbox_cases {
             inbox_transactional_duplicate => $crate::inbox::transactional_duplicate,
             inbox_retention_expiry => $crate::inbox::retention_expiry,
             inbox_purge_expired => $crate::inbox::purge_expired,
+            inbox_invalid_handler_key => $crate::inbox::invalid_handler_key,
+            inbox_longest_handler_key => $crate::inbox::longest_handler_key,
         }
     };
 }
@@ -157,6 +161,8 @@ macro_rules! __lock_cases {
             lock_concurrent_acquire_one_winner => $crate::lock::concurrent_acquire_one_winner,
             lock_concurrent_takeover_one_winner => $crate::lock::concurrent_takeover_one_winner,
             lock_invalid_input => $crate::lock::invalid_input,
+            lock_invalid_names => $crate::lock::invalid_names,
+            lock_longest_names => $crate::lock::longest_names,
         }
     };
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use outbox_core::{Clock, DistributedLock, ErrorKind, Lease, TransactionalStore, add_duration};
 
 use crate::harness::Fixture;
-use crate::support::{assert_kind, ok};
+use crate::support::{assert_kind, bad_names, longest_name, ok};
 
 const TTL: Duration = Duration::from_secs(10);
 
@@ -373,4 +373,98 @@ pub async fn invalid_input<S: TransactionalStore>(f: &Fixture<S>) {
         "a rejected acquire takes nothing"
     );
     must_acquire(lock, "res", "owner", TTL).await;
+}
+
+/// The shared rule for lease names (`outbox_core::rules`), the same on every backend: a
+/// resource or owner that is empty, holds a NUL or is over `MAX_FIELD_LEN` bytes fails with
+/// `InvalidInput` at `acquire`, `current`, `renew` and `release`, and takes nothing.
+pub async fn invalid_names<S: TransactionalStore>(f: &Fixture<S>) {
+    let lock = &*f.lock;
+    let held = must_acquire(lock, "held", "owner", TTL).await;
+    for (what, name) in bad_names() {
+        assert_kind(
+            lock.acquire(&name, "owner", TTL).await,
+            ErrorKind::InvalidInput,
+            &format!("acquire (resource {what})"),
+        );
+        assert_kind(
+            lock.acquire("res", &name, TTL).await,
+            ErrorKind::InvalidInput,
+            &format!("acquire (owner {what})"),
+        );
+        assert_kind(
+            lock.current(&name).await,
+            ErrorKind::InvalidInput,
+            &format!("current (resource {what})"),
+        );
+        let bad_resource = Lease {
+            resource: name.clone(),
+            ..held.clone()
+        };
+        let bad_owner = Lease {
+            owner: name,
+            ..held.clone()
+        };
+        for (whose, lease) in [("resource", &bad_resource), ("owner", &bad_owner)] {
+            assert_kind(
+                lock.renew(lease, TTL).await,
+                ErrorKind::InvalidInput,
+                &format!("renew ({whose} {what})"),
+            );
+            assert_kind(
+                lock.release(lease).await,
+                ErrorKind::InvalidInput,
+                &format!("release ({whose} {what})"),
+            );
+        }
+    }
+    assert_eq!(
+        current(lock, "res").await,
+        None,
+        "a refused acquire takes nothing"
+    );
+    let still = current(lock, "held").await.map(|l| (l.owner, l.token));
+    assert_eq!(
+        still,
+        Some((held.owner.clone(), held.token)),
+        "refused calls leave the held lease alone"
+    );
+    ok(lock.release(&held).await, "release");
+}
+
+/// A resource and an owner of exactly `MAX_FIELD_LEN` bytes (multi-byte characters) work like
+/// any other: acquire returns them exactly, `current` reports them, another owner of the same
+/// length is refused while the lease is live, renew and release work, and the next holder
+/// gets a greater token.
+pub async fn longest_names<S: TransactionalStore>(f: &Fixture<S>) {
+    let lock = &*f.lock;
+    let resource = longest_name("resource-");
+    let owner = longest_name("owner-a-");
+    let other = longest_name("owner-b-");
+    let lease = must_acquire(lock, &resource, &owner, TTL).await;
+    assert_eq!(
+        (lease.resource.as_str(), lease.owner.as_str()),
+        (resource.as_str(), owner.as_str()),
+        "acquire returns the names exactly"
+    );
+    let seen = current(lock, &resource).await.expect("the lease is live");
+    assert_eq!(
+        (&seen.resource, &seen.owner, seen.token),
+        (&resource, &owner, lease.token),
+        "current reports the names exactly"
+    );
+    assert_eq!(
+        acquire(lock, &resource, &other, TTL).await,
+        None,
+        "another owner waits"
+    );
+    let renewed = ok(lock.renew(&lease, TTL).await, "renew(longest names)");
+    assert_eq!(renewed.token, lease.token, "renew keeps the token");
+    ok(lock.release(&renewed).await, "release(longest names)");
+    let next = must_acquire(lock, &resource, &other, TTL).await;
+    assert!(
+        next.token > lease.token,
+        "the next holder gets a greater token"
+    );
+    assert_eq!(next.owner, other);
 }

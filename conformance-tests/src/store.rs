@@ -20,6 +20,7 @@ use crate::support::{
     BIG, add, all_shards, assert_absent, assert_kind, build, err, fetch, fetch_shards, get, ids,
     keyed, keys_in_distinct_shards, minus, msg, msg_ids, ok, park, plus, retry_after, status,
 };
+use crate::support::{bad_names, longest_name, over_long_name};
 
 fn micros(t: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_micros(t).unwrap_or_else(|| panic!("timestamp {t} out of range"))
@@ -1269,22 +1270,57 @@ pub async fn size_limit<S: TransactionalStore>(f: &Fixture<S>) {
 }
 
 /// Invalid fields (set through the public fields, bypassing the builder) fail with
-/// `InvalidInput` at `add`, `add_batch` and `Transaction::add`; nothing is written.
+/// `InvalidInput` at `add`, `add_batch` and `Transaction::add`; nothing is written. The rules
+/// are the shared ones of `outbox_core::rules`, the same on every backend: names (topic,
+/// header name) not empty; no NUL in any text (also header values and trace fields); at most
+/// `MAX_FIELD_LEN` bytes (counted in bytes, not characters) for names, key and short fields.
 pub async fn invalid_input<S: TransactionalStore>(f: &Fixture<S>) {
     let store = &*f.outbox;
-    let mut cases: Vec<(&str, Message)> = Vec::new();
+    let mut cases: Vec<(String, Message)> = Vec::new();
     let mut m = msg("t");
     m.topic = String::new();
-    cases.push(("empty topic", m));
+    cases.push(("empty topic".to_owned(), m));
     let mut m = msg("t");
     m.key = Some("nul\0key".to_owned());
-    cases.push(("NUL in key", m));
+    cases.push(("NUL in key".to_owned(), m));
     let mut m = msg("t");
     m.headers.insert(String::new(), "v".to_owned());
-    cases.push(("empty header name", m));
+    cases.push(("empty header name".to_owned(), m));
     let mut m = msg("t");
     m.topic = "t".repeat(outbox_core::MAX_FIELD_LEN + 1);
-    cases.push(("topic over MAX_FIELD_LEN", m));
+    cases.push(("topic over MAX_FIELD_LEN".to_owned(), m));
+    // The shared rules (outbox_core::rules): the same refusals on every backend.
+    for (what, name) in bad_names() {
+        let mut m = msg("t");
+        m.topic = name.clone();
+        cases.push((format!("topic {what}"), m));
+        let mut m = msg("t");
+        m.headers.insert(name, "v".to_owned());
+        cases.push((format!("header name {what}"), m));
+    }
+    let mut m = msg("t");
+    m.key = Some(over_long_name("k"));
+    cases.push(("key one byte over MAX_FIELD_LEN".to_owned(), m));
+    let mut m = msg("t");
+    m.headers.insert("h".to_owned(), "nul\0value".to_owned());
+    cases.push(("NUL in a header value".to_owned(), m));
+    let mut m = msg("t");
+    m.content_type = Some("text/plain\0".to_owned());
+    cases.push(("NUL in content_type".to_owned(), m));
+    let mut m = msg("t");
+    m.correlation_id = Some(over_long_name("c"));
+    cases.push(("correlation_id one byte over MAX_FIELD_LEN".to_owned(), m));
+    for field in ["traceparent", "tracestate", "baggage"] {
+        let mut m = msg("t");
+        let trace = &mut m.trace;
+        let slot = match field {
+            "traceparent" => &mut trace.traceparent,
+            "tracestate" => &mut trace.tracestate,
+            _ => &mut trace.baggage,
+        };
+        *slot = Some("a\0b".to_owned());
+        cases.push((format!("NUL in {field}"), m));
+    }
     let transactions = store.capabilities().transactions;
     for (what, bad) in &cases {
         assert_kind(
@@ -1311,6 +1347,103 @@ pub async fn invalid_input<S: TransactionalStore>(f: &Fixture<S>) {
         assert_absent(store, bad.id, what).await;
     }
     assert_eq!(ok(store.stats().await, "stats"), OutboxStats::default());
+}
+
+/// The longest names the shared rules allow (topic, key, header name, content type,
+/// correlation id and reply-to of exactly `MAX_FIELD_LEN` bytes, in multi-byte characters)
+/// and a long header value are stored and come back exactly, through `add`, `add_batch` and
+/// (with transactions) `Transaction::add`, via `get` and `fetch_pending`.
+pub async fn longest_names_round_trip<S: TransactionalStore>(f: &Fixture<S>) {
+    let store = &*f.outbox;
+    let longest = |n: usize| {
+        build(
+            Message::builder(longest_name(&format!("topic-{n}-")))
+                .key(longest_name(&format!("key-{n}-")))
+                .header(
+                    longest_name("header-a-"),
+                    "ü".repeat(4 * outbox_core::MAX_FIELD_LEN),
+                )
+                .header(longest_name("header-b-"), longest_name("value-"))
+                .content_type(longest_name("type/"))
+                .correlation_id(longest_name("corr-"))
+                .reply_to(longest_name("reply-"))
+                .payload(vec![0xc3_u8, 0x28, 0x00]),
+        )
+    };
+    let single = longest(0);
+    add(store, &single).await;
+    let batch = [longest(1), longest(2)];
+    ok(store.add_batch(&batch).await, "add_batch(longest names)");
+    let mut all = vec![single];
+    all.extend(batch);
+    if store.capabilities().transactions {
+        let m = longest(3);
+        let mut tx = ok(f.tx_store.begin().await, "begin");
+        ok(tx.add(&m).await, "tx.add(longest names)");
+        ok(tx.commit().await, "commit");
+        all.push(m);
+    }
+    let shard_count = store.shard_count();
+    for m in &all {
+        check_fresh(&get(store, m.id).await, m, shard_count);
+    }
+    let fetched = fetch(store, Ordering::Unordered, BIG).await;
+    assert_eq!(fetched.len(), all.len(), "every message is due");
+    for stored in &fetched {
+        let m = all
+            .iter()
+            .find(|m| m.id == stored.message.id)
+            .unwrap_or_else(|| panic!("fetched an unknown message {}", stored.message.id));
+        check_fresh(stored, m, shard_count);
+    }
+}
+
+/// The shared rule for `last_error` (`outbox_core::rules::error_text`), the same on every
+/// backend, retrying or parked: a NUL in the error text is kept as U+FFFD; a text of exactly
+/// `MAX_LAST_ERROR` bytes is kept whole; a longer one is cut at a character boundary to at
+/// most `MAX_LAST_ERROR` bytes ending in `...`, a prefix of the original.
+pub async fn last_error_rule<S: TransactionalStore>(f: &Fixture<S>) {
+    use outbox_core::rules::MAX_LAST_ERROR;
+    let store = &*f.outbox;
+    let exact = "ü".repeat(MAX_LAST_ERROR / 2);
+    let long = format!("x{}", "ü".repeat(MAX_LAST_ERROR));
+    for max_attempts in [5, 1] {
+        let stored_error = |error: String| async move {
+            let m = msg("errors");
+            add(store, &m).await;
+            let attempt = retry_after(&f.clock, Duration::from_secs(10), max_attempts, &error);
+            ok(store.mark_failed(m.id, &attempt).await, "mark_failed");
+            get(store, m.id)
+                .await
+                .last_error
+                .unwrap_or_else(|| panic!("no last_error stored for {max_attempts} attempts"))
+        };
+        let how = if max_attempts == 1 {
+            "parked"
+        } else {
+            "retrying"
+        };
+        assert_eq!(
+            stored_error("broker\0down".to_owned()).await,
+            "broker\u{fffd}down",
+            "{how}: NUL is kept as U+FFFD"
+        );
+        assert_eq!(
+            stored_error(exact.clone()).await,
+            exact,
+            "{how}: MAX_LAST_ERROR bytes are kept whole"
+        );
+        let cut = stored_error(long.clone()).await;
+        assert!(
+            cut.len() <= MAX_LAST_ERROR && cut.ends_with("..."),
+            "{how}: a longer error is cut to MAX_LAST_ERROR bytes ending in ...: {} bytes",
+            cut.len()
+        );
+        assert!(
+            cut.len() > MAX_LAST_ERROR - 8 && long.starts_with(cut.trim_end_matches("...")),
+            "{how}: the cut error is the start of the original"
+        );
+    }
 }
 
 /// `dispatched_since`: `None` (the backend cannot count) or the exact number of messages

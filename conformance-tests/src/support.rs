@@ -4,9 +4,9 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use outbox_core::{
-    Clock, DateTime, Error, ErrorKind, FailedAttempt, FailureOutcome, Message, MessageBuilder,
-    MessageId, MessageStatus, Ordering, OutboxStore, PendingQuery, Result, StoredMessage, Utc,
-    add_duration, shard_for,
+    Clock, DateTime, Error, ErrorKind, FailedAttempt, FailureOutcome, MAX_FIELD_LEN, Message,
+    MessageBuilder, MessageId, MessageStatus, Ordering, OutboxStore, PendingQuery, Result,
+    StoredMessage, Utc, add_duration, shard_for,
 };
 
 /// Enough for every fetch of the suite; small enough for any backend's integer types.
@@ -81,6 +81,38 @@ pub(crate) fn err<T: Debug>(r: Result<T>, what: &str) -> Error {
         Ok(v) => panic!("{what} should have failed, but returned Ok({v:?})"),
         Err(e) => e,
     }
+}
+
+/// A name of exactly [`MAX_FIELD_LEN`] bytes (the longest every backend must store), starting
+/// with `tag` and made mostly of two-byte characters, so it has fewer characters than bytes:
+/// a backend that counts characters instead of bytes is caught by [`over_long_name`].
+pub(crate) fn longest_name(tag: &str) -> String {
+    let mut s = tag.to_owned();
+    while s.len() + 'é'.len_utf8() <= MAX_FIELD_LEN {
+        s.push('é');
+    }
+    while s.len() < MAX_FIELD_LEN {
+        s.push('x');
+    }
+    s
+}
+
+/// A name one byte over [`MAX_FIELD_LEN`], in fewer than `MAX_FIELD_LEN` characters.
+pub(crate) fn over_long_name(tag: &str) -> String {
+    let s = format!("{}x", longest_name(tag));
+    debug_assert!(s.len() == MAX_FIELD_LEN + 1 && s.chars().count() < MAX_FIELD_LEN);
+    s
+}
+
+/// Names every backend must refuse with `InvalidInput`, each with a description: empty,
+/// NUL inside, only NUL, one byte over [`MAX_FIELD_LEN`].
+pub(crate) fn bad_names() -> Vec<(&'static str, String)> {
+    vec![
+        ("empty", String::new()),
+        ("NUL inside", "a\0b".to_owned()),
+        ("only NUL", "\0".to_owned()),
+        ("one byte over MAX_FIELD_LEN", over_long_name("o")),
+    ]
 }
 
 /// Assert that `r` failed with `kind`.

@@ -51,12 +51,22 @@ enum Flaw {
     /// A failed add or inbox insert leaves the transaction usable (invalid input and stored
     /// ids rejected before the transaction sees them), so commit writes the rest.
     TxFailureKeepsTxUsable,
+    /// NUL is stripped from header values instead of refused (a backend that sanitizes).
+    StripsNul,
+    /// Topics come back cut to 255 bytes (a backend with a shorter column).
+    TruncatesTopic,
+    /// `last_error` comes back cut to 255 bytes.
+    TruncatesLastError,
     /// No flaw: the suite's own correct inbox (baseline of the inbox flaws).
     InboxBaseline,
     InboxNoExpiry,
     InboxRacy,
     InboxIgnoresHandlerKey,
     InboxPurgesLive,
+    /// Only an empty handler key is refused (NUL and over-long keys are stored).
+    InboxOnlyEmptyKeyRule,
+    /// Handler keys are cut to 255 bytes (a shorter key column).
+    InboxTruncatesKeys,
     /// No flaw: the suite's own correct lock (baseline of the lock flaws).
     LockBaseline,
     LockNoExpiry,
@@ -65,6 +75,28 @@ enum Flaw {
     LockRacy,
     LockNoValidation,
     LockRenewKeepsExpiry,
+    /// Names are limited by characters, not bytes, and NUL is accepted.
+    LockNameRuleCountsChars,
+    /// Resource names are cut to 255 bytes.
+    LockTruncatesNames,
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncated(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// `m` with NUL removed from its header values.
+fn strip_nul(m: &Message) -> Message {
+    let mut m = m.clone();
+    for v in m.headers.values_mut() {
+        *v = v.replace('\0', "");
+    }
+    m
 }
 
 impl Flaw {
@@ -118,6 +150,13 @@ impl OutboxStore for Mutant {
         self.inner.shard_count()
     }
     async fn add(&self, m: &Message) -> Result<()> {
+        let stripped;
+        let m = if self.flaw == Flaw::StripsNul {
+            stripped = strip_nul(m);
+            &stripped
+        } else {
+            m
+        };
         match self.inner.add(m).await {
             Err(e)
                 if self.flaw == Flaw::SwallowDuplicate && e.kind() == ErrorKind::AlreadyExists =>
@@ -135,6 +174,10 @@ impl OutboxStore for Mutant {
             };
             return Err(Error::new(kind, "batch over the limit"));
         }
+        if self.flaw == Flaw::StripsNul {
+            let ms: Vec<Message> = ms.iter().map(strip_nul).collect();
+            return self.inner.add_batch(&ms).await;
+        }
         if self.flaw == Flaw::BatchNotAtomic {
             for m in ms {
                 self.inner.add(m).await?;
@@ -149,6 +192,12 @@ impl OutboxStore for Mutant {
             if self.flaw == Flaw::MillisTimestamps {
                 let ms = s.message.created_at.timestamp_millis();
                 s.message.created_at = DateTime::from_timestamp_millis(ms).unwrap_or_default();
+            }
+            if self.flaw == Flaw::TruncatesTopic {
+                s.message.topic = truncated(&s.message.topic, 255);
+            }
+            if self.flaw == Flaw::TruncatesLastError {
+                s.last_error = s.last_error.map(|e| truncated(&e, 255));
             }
             if self.flaw == Flaw::WrongShard && s.message.key.is_none() {
                 s.shard = (s.shard + 1) % self.inner.shard_count();
@@ -348,12 +397,21 @@ struct OwnInbox {
 
 impl OwnInbox {
     fn key(&self, e: &InboxEntry) -> (MessageId, String) {
-        let handler = if self.flaw == Flaw::InboxIgnoresHandlerKey {
-            String::new()
-        } else {
-            e.handler_key.clone()
+        let handler = match self.flaw {
+            Flaw::InboxIgnoresHandlerKey => String::new(),
+            Flaw::InboxTruncatesKeys => truncated(&e.handler_key, 255),
+            _ => e.handler_key.clone(),
         };
         (e.message_id, handler)
+    }
+    fn check(&self, e: &InboxEntry) -> Result<()> {
+        if self.flaw == Flaw::InboxOnlyEmptyKeyRule {
+            if e.handler_key.is_empty() {
+                return Err(Error::invalid_input("empty handler key"));
+            }
+            return Ok(());
+        }
+        outbox_core::rules::check_inbox_entry(e)
     }
     fn live(&self, at: Option<&DateTime<Utc>>) -> bool {
         at.is_some_and(|t| {
@@ -368,9 +426,7 @@ impl OwnInbox {
 #[async_trait]
 impl InboxStore for OwnInbox {
     async fn insert(&self, e: &InboxEntry) -> Result<InsertOutcome> {
-        if e.handler_key.is_empty() {
-            return Err(Error::invalid_input("empty handler key"));
-        }
+        self.check(e)?;
         let key = self.key(e);
         if self.flaw == Flaw::InboxRacy {
             let seen = self.live(self.entries().get(&key));
@@ -389,6 +445,7 @@ impl InboxStore for OwnInbox {
         Ok(InsertOutcome::Inserted)
     }
     async fn contains(&self, e: &InboxEntry) -> Result<bool> {
+        self.check(e)?;
         Ok(self.live(self.entries().get(&self.key(e))))
     }
     fn retention(&self) -> Duration {
@@ -438,16 +495,41 @@ impl OwnLock {
     fn lost(what: &str) -> Error {
         Error::new(ErrorKind::LeaseLost, what)
     }
+    /// The shared name rule, or a flawed one; none at all with `LockNoValidation`.
+    fn check_names(&self, resource: &str, owner: &str) -> Result<()> {
+        match self.flaw {
+            Flaw::LockNoValidation => Ok(()),
+            Flaw::LockNameRuleCountsChars => {
+                let bad = |n: &str| n.is_empty() || n.chars().count() > outbox_core::MAX_FIELD_LEN;
+                if bad(resource) || bad(owner) {
+                    return Err(Error::invalid_input("bad lease name"));
+                }
+                Ok(())
+            }
+            _ => outbox_core::rules::check_lease_names(resource, owner),
+        }
+    }
+    fn check_resource(&self, resource: &str) -> Result<()> {
+        self.check_names(resource, "owner")
+    }
+    fn stored_name(&self, resource: &str) -> String {
+        if self.flaw == Flaw::LockTruncatesNames {
+            truncated(resource, 255)
+        } else {
+            resource.to_owned()
+        }
+    }
 }
 
 #[async_trait]
 impl DistributedLock for OwnLock {
     async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
-        if self.flaw != Flaw::LockNoValidation
-            && (resource.is_empty() || owner.is_empty() || ttl.is_zero())
-        {
+        self.check_names(resource, owner)?;
+        if self.flaw != Flaw::LockNoValidation && ttl.is_zero() {
             return Err(Error::invalid_input("bad acquire"));
         }
+        let stored = self.stored_name(resource);
+        let resource = stored.as_str();
         let expires_at = add_duration(self.clock.now(), ttl);
         if self.flaw == Flaw::LockRacy {
             // Check, then act later: two acquirers can both see the resource free.
@@ -484,6 +566,7 @@ impl DistributedLock for OwnLock {
         Ok(Some(lease))
     }
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
+        self.check_names(&lease.resource, &lease.owner)?;
         if !self.holds(lease) {
             return Err(Self::lost("renew by a non-holder"));
         }
@@ -497,6 +580,7 @@ impl DistributedLock for OwnLock {
         Ok(renewed)
     }
     async fn release(&self, lease: &Lease) -> Result<()> {
+        self.check_names(&lease.resource, &lease.owner)?;
         if !self.holds(lease) {
             return Err(Self::lost("release by a non-holder"));
         }
@@ -504,10 +588,11 @@ impl DistributedLock for OwnLock {
         Ok(())
     }
     async fn current(&self, resource: &str) -> Result<Option<Lease>> {
+        self.check_resource(resource)?;
         Ok(self
             .state()
             .1
-            .get(resource)
+            .get(&self.stored_name(resource))
             .filter(|l| self.live(l))
             .cloned())
     }
@@ -616,6 +701,9 @@ async fn store_cases_catch_write_flaws() {
     catches!(Flaw::NoSizeCheck, store::size_limit);
     catches!(Flaw::MillisTimestamps, store::round_trip);
     catches!(Flaw::WrongShard, store::round_trip, store::shard_assignment);
+    catches!(Flaw::StripsNul, store::invalid_input);
+    catches!(Flaw::TruncatesTopic, store::longest_names_round_trip);
+    catches!(Flaw::TruncatesLastError, store::last_error_rule);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -679,6 +767,8 @@ async fn inbox_cases_catch_flaws() {
     catches!(Flaw::InboxRacy, inbox::concurrent_insert_one_winner);
     catches!(Flaw::InboxIgnoresHandlerKey, inbox::first_insert_wins);
     catches!(Flaw::InboxPurgesLive, inbox::purge_expired);
+    catches!(Flaw::InboxOnlyEmptyKeyRule, inbox::invalid_handler_key);
+    catches!(Flaw::InboxTruncatesKeys, inbox::longest_handler_key);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -698,6 +788,8 @@ async fn lock_cases_catch_flaws() {
     catches!(Flaw::LockRacy, lock::concurrent_acquire_one_winner);
     catches!(Flaw::LockNoValidation, lock::invalid_input);
     catches!(Flaw::LockRenewKeepsExpiry, lock::renew_extends);
+    catches!(Flaw::LockNameRuleCountsChars, lock::invalid_names);
+    catches!(Flaw::LockTruncatesNames, lock::longest_names);
 }
 
 // ---------------------------------------------------------------------------------------------

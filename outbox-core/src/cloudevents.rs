@@ -21,7 +21,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::error::{Error, Result};
-use crate::message::{MAX_FIELD_LEN, Message};
+use crate::message::Message;
+use crate::rules::MAX_FIELD_LEN;
 
 /// The CloudEvents specification version sent.
 pub const SPEC_VERSION: &str = "1.0";

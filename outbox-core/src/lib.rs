@@ -17,15 +17,15 @@ pub mod memory;
 pub mod metrics;
 pub mod processor;
 pub mod relay;
+pub mod rules;
 
 pub use clock::{Clock, ManualClock, SharedClock, SystemClock, add_duration, truncate_micros};
 pub use error::{Error, ErrorKind, Result};
 pub use inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
 pub use lock::{DistributedLock, Lease};
 pub use message::{
-    JSON_CONTENT_TYPE, MAX_FIELD_LEN, Message, MessageBuilder, MessageId, MessageStatus,
-    MessageType, StoredMessage, TYPE_NAME_HEADER, TraceContext, TypedMessage, is_json_content_type,
-    shard_for,
+    JSON_CONTENT_TYPE, Message, MessageBuilder, MessageId, MessageStatus, MessageType,
+    StoredMessage, TYPE_NAME_HEADER, TraceContext, TypedMessage, is_json_content_type, shard_for,
 };
 pub use processor::{
     DEFAULT_CONCURRENCY, DEFAULT_MAX_DELIVERIES, HandlerError, InboxProcessor, MessageHandler,
@@ -36,6 +36,7 @@ pub use relay::{
     shard_lease_name,
 };
 pub use router::{Router, TypedHandler, UnknownType};
+pub use rules::MAX_FIELD_LEN;
 pub use store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
     PendingQuery, RequeueFilter,

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::clock::truncate_micros;
 use crate::error::{Error, Result};
+use crate::rules::{check_name, check_no_nul, check_text};
 
 /// The content type [`Message::json`] and [`MessageBuilder::json`] set.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
@@ -52,9 +53,6 @@ pub fn is_json_content_type(content_type: &str) -> bool {
         .to_ascii_lowercase();
     media == JSON_CONTENT_TYPE || (media.starts_with("application/") && media.ends_with("+json"))
 }
-
-/// Longest accepted topic, key, header name, content type or id-like field, in bytes.
-pub const MAX_FIELD_LEN: usize = 1024;
 
 /// A message id: a UUIDv7, so ids sort roughly by creation time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -318,15 +316,21 @@ impl Message {
         Ok(())
     }
 
-    /// Check the invariants every store relies on. Builders call it; stores call it again on
-    /// add, because fields are public.
+    /// Check the invariants every store relies on, with the shared rules of [`crate::rules`]
+    /// (names not empty, short text at most [`MAX_FIELD_LEN`](crate::MAX_FIELD_LEN) bytes, no
+    /// NUL in any text). Builders call it; stores call it again on add, because fields are
+    /// public.
+    ///
+    /// # Errors
+    /// `InvalidInput` naming the first offending field.
     pub fn validate(&self) -> Result<()> {
-        check_text("topic", &self.topic, false)?;
+        check_name("topic", &self.topic)?;
         if let Some(k) = &self.key {
-            check_text("key", k, true)?;
+            check_text("key", k)?;
         }
-        for name in self.headers.keys() {
-            check_text("header name", name, false)?;
+        for (name, value) in &self.headers {
+            check_name("header name", name)?;
+            check_no_nul(&format!("header {name:?}"), value)?;
         }
         for (field, v) in [
             ("content_type", &self.content_type),
@@ -334,11 +338,20 @@ impl Message {
             ("reply_to", &self.reply_to),
         ] {
             if let Some(v) = v {
-                check_text(field, v, true)?;
+                check_text(field, v)?;
+            }
+        }
+        for (field, v) in [
+            ("traceparent", &self.trace.traceparent),
+            ("tracestate", &self.trace.tracestate),
+            ("baggage", &self.trace.baggage),
+        ] {
+            if let Some(v) = v {
+                check_no_nul(field, v)?;
             }
         }
         if let MessageType::Other(s) = &self.message_type {
-            check_text("message_type", s, false)?;
+            check_name("message_type", s)?;
             if !matches!(MessageType::parse(s), MessageType::Other(_)) {
                 return Err(Error::invalid_input(format!(
                     "message_type Other({s:?}) is reserved; use the MessageType variant instead"
@@ -347,24 +360,6 @@ impl Message {
         }
         Ok(())
     }
-}
-
-fn check_text(field: &str, v: &str, allow_empty: bool) -> Result<()> {
-    if !allow_empty && v.is_empty() {
-        return Err(Error::invalid_input(format!("{field} must not be empty")));
-    }
-    if v.len() > MAX_FIELD_LEN {
-        return Err(Error::invalid_input(format!(
-            "{field} is {} bytes long; the limit is {MAX_FIELD_LEN}",
-            v.len()
-        )));
-    }
-    if v.contains('\0') {
-        return Err(Error::invalid_input(format!(
-            "{field} must not contain NUL characters"
-        )));
-    }
-    Ok(())
 }
 
 /// Builder for [`Message`]; see [`Message::builder`].
@@ -506,7 +501,8 @@ impl MessageBuilder {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) naming the offending field:
-    /// empty topic, a field over [`MAX_FIELD_LEN`] bytes, a NUL character, an empty header name;
+    /// empty topic, a field over [`MAX_FIELD_LEN`](crate::MAX_FIELD_LEN) bytes, a NUL character
+    /// (also in a header value or trace field), an empty header name ([`crate::rules`]);
     /// [`ErrorKind::Decode`](crate::ErrorKind::Decode) when [`json`](Self::json) failed.
     pub fn build(self) -> Result<Message> {
         if let Some((kind, message)) = self.error {
@@ -615,9 +611,20 @@ pub fn shard_for(key: Option<&str>, id: &MessageId, shard_count: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MAX_FIELD_LEN;
 
     #[test]
     fn builder_rejects_bad_input_with_field_name() {
+        let e = Message::builder("t")
+            .header("h", "a\0b")
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("header \"h\""), "{e}");
+        let e = Message::builder("t")
+            .traceparent("0\0")
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("traceparent"), "{e}");
         let e = Message::builder("").build().unwrap_err();
         assert!(e.to_string().contains("topic"), "{e}");
         let e = Message::builder("t")

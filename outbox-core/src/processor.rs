@@ -218,14 +218,12 @@ where
     /// handles [`DEFAULT_CONCURRENCY`] deliveries at once.
     ///
     /// # Errors
-    /// `InvalidInput` for an empty handler key (every delivery would fail its inbox insert).
+    /// `InvalidInput` for a handler key that breaks the shared name rule
+    /// ([`crate::rules::check_name`]: empty, NUL, over [`MAX_FIELD_LEN`](crate::MAX_FIELD_LEN)
+    /// bytes), since every delivery would fail its inbox insert.
     pub fn new(store: Arc<S>, handler_key: impl Into<String>, handler: H) -> Result<Self> {
         let handler_key = handler_key.into();
-        if handler_key.is_empty() {
-            return Err(Error::invalid_input(
-                "InboxProcessor: the handler key must not be empty",
-            ));
-        }
+        crate::rules::check_name("InboxProcessor handler key", &handler_key)?;
         Ok(InboxProcessor {
             store,
             handler,

@@ -347,4 +347,14 @@ fn empty_handler_key_is_refused_at_construction() {
     };
     assert_eq!(e.kind(), outbox_core::ErrorKind::InvalidInput);
     assert!(e.to_string().contains("handler key"), "{e}");
+    // The shared name rule: NUL and over-long keys are refused too, the longest one accepted.
+    let longest = "h".repeat(outbox_core::MAX_FIELD_LEN);
+    for bad in ["h\0".to_owned(), format!("{longest}h")] {
+        let Err(e) = InboxProcessor::new(Arc::new(MemoryStore::new()), bad, Billing::default())
+        else {
+            panic!("a handler key breaking the name rule was accepted");
+        };
+        assert_eq!(e.kind(), outbox_core::ErrorKind::InvalidInput, "{e}");
+    }
+    assert!(InboxProcessor::new(Arc::new(MemoryStore::new()), longest, Billing::default()).is_ok());
 }

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::clock::{SharedClock, SystemClock, add_duration};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::lock::{DistributedLock, Lease};
+use crate::rules::{check_lease, check_lease_names, check_lease_ttl, check_name, lease_lost};
 
 /// A [`DistributedLock`] for the instances of one process (several relays in a test or demo).
 ///
@@ -106,38 +107,11 @@ impl fmt::Debug for MemoryLock {
     }
 }
 
-fn check_name(what: &str, value: &str) -> Result<()> {
-    if value.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "lock {what} must not be empty"
-        )));
-    }
-    Ok(())
-}
-
-fn check_ttl(ttl: Duration) -> Result<()> {
-    if ttl.is_zero() {
-        return Err(Error::invalid_input("lock ttl must be greater than zero"));
-    }
-    Ok(())
-}
-
-fn lease_lost(lease: &Lease, why: &str) -> Error {
-    Error::new(
-        ErrorKind::LeaseLost,
-        format!(
-            "lease on {:?} (owner {:?}, token {}) {why}",
-            lease.resource, lease.owner, lease.token
-        ),
-    )
-}
-
 #[async_trait]
 impl DistributedLock for MemoryLock {
     async fn acquire(&self, resource: &str, owner: &str, ttl: Duration) -> Result<Option<Lease>> {
-        check_name("resource", resource)?;
-        check_name("owner", owner)?;
-        check_ttl(ttl)?;
+        check_lease_names(resource, owner)?;
+        check_lease_ttl(ttl)?;
         let now = self.inner.clock.now();
         let expires_at = add_duration(now, ttl);
         let mut resources = self.lock();
@@ -167,24 +141,22 @@ impl DistributedLock for MemoryLock {
     }
 
     async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<Lease> {
-        check_name("resource", &lease.resource)?;
-        check_name("owner", &lease.owner)?;
-        check_ttl(ttl)?;
+        check_lease(lease)?;
+        check_lease_ttl(ttl)?;
         let now = self.inner.clock.now();
         let mut resources = self.lock();
         let holder = resources
             .get_mut(&lease.resource)
             .and_then(|r| r.holder.as_mut())
             .filter(|h| h.owner == lease.owner && h.token == lease.token)
-            .ok_or_else(|| lease_lost(lease, "is no longer held (released or taken over)"))?;
+            .ok_or_else(|| lease_lost(lease, "it was released or taken over"))?;
         // An expired lease nobody took over is still ours to renew.
         holder.expires_at = add_duration(now, ttl);
         Ok(Self::lease(&lease.resource, holder))
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        check_name("resource", &lease.resource)?;
-        check_name("owner", &lease.owner)?;
+        check_lease(lease)?;
         let mut resources = self.lock();
         let res = resources
             .get_mut(&lease.resource)
@@ -193,14 +165,14 @@ impl DistributedLock for MemoryLock {
                     .as_ref()
                     .is_some_and(|h| h.owner == lease.owner && h.token == lease.token)
             })
-            .ok_or_else(|| lease_lost(lease, "cannot be released: the caller is not the holder"))?;
+            .ok_or_else(|| lease_lost(lease, "the caller is not the holder"))?;
         // Keep `last_token` so the next holder gets a greater one.
         res.holder = None;
         Ok(())
     }
 
     async fn current(&self, resource: &str) -> Result<Option<Lease>> {
-        check_name("resource", resource)?;
+        check_name("lease resource", resource)?;
         let now = self.inner.clock.now();
         let resources = self.lock();
         Ok(resources
@@ -215,7 +187,7 @@ impl DistributedLock for MemoryLock {
 #[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
-    use crate::{Clock, ManualClock};
+    use crate::{Clock, ErrorKind, ManualClock};
 
     const TTL: Duration = Duration::from_secs(10);
 

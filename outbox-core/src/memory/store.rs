@@ -12,18 +12,18 @@ use chrono::{DateTime, Utc};
 use crate::clock::{SharedClock, SystemClock, truncate_micros};
 use crate::error::{Error, ErrorKind, Result};
 use crate::inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
-use crate::message::{MAX_FIELD_LEN, Message, MessageId, MessageStatus, StoredMessage, shard_for};
+use crate::message::{Message, MessageId, MessageStatus, StoredMessage, shard_for};
+use crate::rules::{
+    batch_error, check_inbox_entry, check_inbox_retention, check_message, check_shard_count,
+    error_text,
+};
 use crate::store::{
     Capabilities, FailedAttempt, FailureOutcome, ListQuery, Ordering, OutboxStats, OutboxStore,
     PendingQuery, RequeueFilter,
 };
 use crate::tx::{AbortState, Committed, Transaction, TransactionalStore};
 
-/// Default number of shards of a [`MemoryStore`].
-pub const DEFAULT_SHARD_COUNT: u32 = 16;
-
-/// Default inbox dedup window of a [`MemoryStore`]: 7 days.
-pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+pub use crate::rules::{DEFAULT_INBOX_RETENTION, DEFAULT_SHARD_COUNT};
 
 /// Page size of [`OutboxStore::list`] when the query's limit is 0.
 const DEFAULT_LIST_LIMIT: usize = 100;
@@ -80,20 +80,11 @@ impl MemoryStoreBuilder {
     /// Check the configuration and create the (empty) store.
     ///
     /// # Errors
-    /// [`ErrorKind::ConfigInvalid`] for a shard count of 0, a zero inbox retention or a
-    /// maximum message size of 0.
+    /// [`ErrorKind::ConfigInvalid`] for a shard count of 0, a zero (or too large) inbox
+    /// retention ([`crate::rules`]) or a maximum message size of 0.
     pub fn build(self) -> Result<MemoryStore> {
-        if self.shard_count == 0 {
-            return Err(Error::config(
-                "memory store shard_count must be at least 1 (got 0)",
-            ));
-        }
-        if self.inbox_retention.is_zero() {
-            return Err(Error::config(
-                "memory store inbox_retention must be greater than zero (a zero dedup window \
-                 would never detect a duplicate)",
-            ));
-        }
+        check_shard_count(self.shard_count, u32::MAX)?;
+        check_inbox_retention(self.inbox_retention)?;
         if self.max_message_size == Some(0) {
             return Err(Error::config(
                 "memory store max_message_size must be greater than zero (use None for no limit)",
@@ -207,28 +198,6 @@ fn already_exists(id: MessageId, how: &str) -> Error {
     )
 }
 
-fn validate_handler_key(entry: &InboxEntry) -> Result<()> {
-    let key = &entry.handler_key;
-    if key.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "inbox handler_key must not be empty (message {})",
-            entry.message_id
-        )));
-    }
-    if key.len() > MAX_FIELD_LEN {
-        return Err(Error::invalid_input(format!(
-            "inbox handler_key is {} bytes long; the limit is {MAX_FIELD_LEN}",
-            key.len()
-        )));
-    }
-    if key.contains('\0') {
-        return Err(Error::invalid_input(
-            "inbox handler_key must not contain NUL characters",
-        ));
-    }
-    Ok(())
-}
-
 impl MemoryStore {
     /// A store with the defaults: [`SystemClock`], [`DEFAULT_SHARD_COUNT`] shards,
     /// [`DEFAULT_INBOX_RETENTION`], no size limit.
@@ -297,7 +266,7 @@ impl MemoryStore {
 
     /// Field and size checks shared by every add path.
     fn check_message(&self, message: &Message) -> Result<()> {
-        message.validate()?;
+        check_message(message)?;
         match self.inner.max_message_size {
             Some(limit) => message.check_size(limit),
             None => Ok(()),
@@ -347,8 +316,7 @@ impl OutboxStore for MemoryStore {
     async fn add_batch(&self, messages: &[Message]) -> Result<()> {
         let mut ids = HashSet::with_capacity(messages.len());
         for (i, m) in messages.iter().enumerate() {
-            self.check_message(m)
-                .map_err(|e| Error::new(e.kind(), format!("batch entry {i}: {}", e.message())))?;
+            self.check_message(m).map_err(|e| batch_error(e, i))?;
             if !ids.insert(m.id) {
                 return Err(already_exists(
                     m.id,
@@ -470,7 +438,7 @@ impl OutboxStore for MemoryStore {
             return Ok(FailureOutcome::NotPending);
         }
         m.attempts = m.attempts.saturating_add(1);
-        m.last_error = Some(attempt.error.clone());
+        m.last_error = Some(error_text(&attempt.error));
         if m.attempts >= attempt.max_attempts {
             m.status = MessageStatus::Parked;
             m.next_attempt_at = None;
@@ -608,7 +576,7 @@ impl OutboxStore for MemoryStore {
 #[async_trait]
 impl InboxStore for MemoryStore {
     async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        validate_handler_key(entry)?;
+        check_inbox_entry(entry)?;
         let now = self.now();
         let mut st = self.lock();
         if st.inbox_live(entry, now, self.inner.inbox_retention) {
@@ -619,7 +587,7 @@ impl InboxStore for MemoryStore {
     }
 
     async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
-        validate_handler_key(entry)?;
+        check_inbox_entry(entry)?;
         let now = self.now();
         Ok(self
             .lock()
@@ -751,7 +719,7 @@ impl MemoryTx {
     }
 
     fn stage_inbox(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
-        validate_handler_key(entry)?;
+        check_inbox_entry(entry)?;
         if self.staged_inbox.contains(entry) {
             return Ok(InsertOutcome::Duplicate);
         }

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::rules::check_name;
 use crate::store::Ordering;
 
 /// When to retry a message whose publish failed for a reason specific to it, and when to give
@@ -179,12 +180,16 @@ impl RelayConfig {
     /// # Errors
     /// `ConfigInvalid` naming the offending field.
     pub fn validate(&self) -> Result<()> {
-        if self.instance_id.is_empty() {
-            return Err(Error::config("instance_id must not be empty"));
-        }
-        if self.lock_prefix.is_empty() {
-            return Err(Error::config("lock_prefix must not be empty"));
-        }
+        // The instance id is every lease's owner and the prefix starts every lease name:
+        // both follow the shared name rule, or every acquire would fail.
+        let config = |e: Error| Error::config(e.message().to_owned());
+        check_name("instance_id", &self.instance_id).map_err(config)?;
+        check_name("lock_prefix", &self.lock_prefix).map_err(config)?;
+        check_name(
+            "lock_prefix (with \"/shard/<n>\", a lease name)",
+            &super::shard_lease_name(&self.lock_prefix, u32::MAX),
+        )
+        .map_err(config)?;
         if self.batch_size == 0 {
             return Err(Error::config("batch_size must be at least 1"));
         }
@@ -291,6 +296,30 @@ mod tests {
             })
             .contains("outage_backoff")
         );
+        // The shared name rule for lease owners and names.
+        let longest_prefix = "p".repeat(crate::MAX_FIELD_LEN - "/shard/4294967295".len());
+        for (instance_id, lock_prefix, field) in [
+            ("", "outbox", "instance_id"),
+            ("relay\0a", "outbox", "instance_id"),
+            ("relay", "", "lock_prefix"),
+            ("relay", "out\0box", "lock_prefix"),
+            ("relay", &format!("{longest_prefix}p"), "lock_prefix"),
+        ] {
+            let c = RelayConfig {
+                instance_id: instance_id.to_owned(),
+                lock_prefix: lock_prefix.to_owned(),
+                ..RelayConfig::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::ConfigInvalid, "{e}");
+            assert!(e.message().contains(field), "{field}: {e}");
+        }
+        RelayConfig {
+            lock_prefix: longest_prefix,
+            ..RelayConfig::default()
+        }
+        .validate()
+        .unwrap();
         RelayConfig::default().validate().unwrap();
     }
 }
