@@ -291,6 +291,11 @@ async fn create_tables_rejects_an_existing_table_of_another_schema() {
     );
 }
 
+/// The shards one poll of `listener` reports.
+async fn poll_shards(listener: &mut StreamListener) -> Vec<u32> {
+    listener.poll_once().await.unwrap().into_iter().collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_stream_listener_wakes_the_relay_for_exactly_the_new_shards() {
     let Some(ep) = endpoint_or_skip("stream_listener") else {
@@ -318,19 +323,10 @@ async fn the_stream_listener_wakes_the_relay_for_exactly_the_new_shards() {
     // Dispatching (a MODIFY) wakes nothing.
     store.mark_dispatched(&[m.id]).await.unwrap();
     assert!(listener.poll_once().await.unwrap().is_empty());
-    // Parking (a MODIFY) wakes nothing; requeueing wakes the shard (its wake-up item), so a
-    // relay woken only by the stream publishes a requeued message without a poll.
+    // Parking (a MODIFY) wakes nothing; requeueing wakes the shard (its wake-up item).
     let parked = msg("stream-key");
     store.add(&parked).await.unwrap();
-    assert_eq!(
-        listener
-            .poll_once()
-            .await
-            .unwrap()
-            .into_iter()
-            .collect::<Vec<_>>(),
-        vec![shard]
-    );
+    assert_eq!(poll_shards(&mut listener).await, vec![shard]);
     let outcome = store
         .mark_failed(
             parked.id,
@@ -353,12 +349,7 @@ async fn the_stream_listener_wakes_the_relay_for_exactly_the_new_shards() {
         .unwrap();
     assert_eq!(requeued, 1);
     assert_eq!(
-        listener
-            .poll_once()
-            .await
-            .unwrap()
-            .into_iter()
-            .collect::<Vec<_>>(),
+        poll_shards(&mut listener).await,
         vec![shard],
         "a requeue wakes its shard"
     );

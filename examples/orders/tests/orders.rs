@@ -121,14 +121,20 @@ async fn on_memory() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_sqlite() {
+/// A SQLite store in a new temporary directory (removed by the test at its end).
+async fn sqlite_store(name: &str) -> (std::path::PathBuf, outbox::sqlite::SqliteStore) {
     use outbox::sqlite::{SqliteConfig, SqliteStore};
-    let dir = std::env::temp_dir().join(unique("orders_example"));
+    let dir = std::env::temp_dir().join(unique(name));
     std::fs::create_dir_all(&dir).unwrap();
     let store = SqliteStore::connect(SqliteConfig::new(dir.join("orders.db")))
         .await
         .unwrap();
+    (dir, store)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_sqlite() {
+    let (dir, store) = sqlite_store("orders_example").await;
     store.migrate().await.unwrap();
     let repo = SqliteOrders::new(store.clone(), "orders").unwrap();
     let lock = Arc::new(store.lock());
@@ -193,12 +199,7 @@ async fn on_dynamodb() {
 /// Table names are spliced into SQL: anything but letters, digits and `_` is refused.
 #[tokio::test]
 async fn hostile_table_names_are_refused() {
-    use outbox::sqlite::{SqliteConfig, SqliteStore};
-    let dir = std::env::temp_dir().join(unique("orders_example_names"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let store = SqliteStore::connect(SqliteConfig::new(dir.join("o.db")))
-        .await
-        .unwrap();
+    let (dir, store) = sqlite_store("orders_example_names").await;
     for bad in ["", "orders; DROP TABLE x", "a.b", "1orders", "ord\"ers"] {
         let e = SqliteOrders::new(store.clone(), bad).unwrap_err();
         assert_eq!(e.kind(), outbox::ErrorKind::ConfigInvalid, "{bad:?}: {e}");
