@@ -37,11 +37,13 @@ fn order(id: &str, total_cents: i64) -> Order {
 
 /// What every backend must do: an order and its event commit together or not at all, a
 /// duplicate or invalid order writes nothing, and a relay publishes the event.
-async fn places_orders<R: OrderRepository>(
-    service: OrderService<R>,
-    outbox: Arc<dyn OutboxStore>,
-    lock: Arc<dyn DistributedLock>,
-) {
+async fn places_orders<R>(store: R::Store, repo: R, lock: Arc<dyn DistributedLock>)
+where
+    R: OrderRepository,
+    R::Store: OutboxStore + Clone + 'static,
+{
+    let outbox: Arc<dyn OutboxStore> = Arc::new(store.clone());
+    let service = OrderService::new(store, repo);
     service.repository().migrate().await.unwrap();
     service.repository().migrate().await.unwrap(); // idempotent
 
@@ -112,13 +114,8 @@ async fn places_orders<R: OrderRepository>(
 #[tokio::test]
 async fn on_memory() {
     let store = MemoryStore::new();
-    let service = OrderService::new(store.clone(), MemoryOrders::new(store.clone()));
-    places_orders(
-        service,
-        Arc::new(store.clone()),
-        Arc::new(MemoryLock::default()),
-    )
-    .await;
+    let repo = MemoryOrders::new(store.clone());
+    places_orders(store, repo, Arc::new(MemoryLock::default())).await;
 }
 
 /// A SQLite store in a new temporary directory (removed by the test at its end).
@@ -138,12 +135,7 @@ async fn on_sqlite() {
     store.migrate().await.unwrap();
     let repo = SqliteOrders::new(store.clone(), "orders").unwrap();
     let lock = Arc::new(store.lock());
-    places_orders(
-        OrderService::new(store.clone(), repo),
-        Arc::new(store),
-        lock,
-    )
-    .await;
+    places_orders(store, repo, lock).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -160,12 +152,7 @@ async fn on_postgres() {
     store.migrate().await.unwrap();
     let repo = PgOrders::new(store.clone(), &format!("{schema}.orders")).unwrap();
     let lock = Arc::new(store.lock());
-    places_orders(
-        OrderService::new(store.clone(), repo),
-        Arc::new(store.clone()),
-        lock,
-    )
-    .await;
+    places_orders(store.clone(), repo, lock).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP SCHEMA \"{schema}\" CASCADE"
     )))
@@ -186,12 +173,7 @@ async fn on_dynamodb() {
     let repo = DynamoOrders::new(store.clone(), &format!("{prefix}orders")).unwrap();
     let cleanup = repo.clone();
     let lock = Arc::new(store.lock());
-    places_orders(
-        OrderService::new(store.clone(), repo),
-        Arc::new(store.clone()),
-        lock,
-    )
-    .await;
+    places_orders(store.clone(), repo, lock).await;
     cleanup.delete_table().await.unwrap();
     store.delete_tables().await.unwrap();
 }

@@ -229,21 +229,17 @@ async fn measure(
             costs.into_iter().partition(|(op, _)| is_lease(op));
         // On paper: every read returns nothing (1 RCU, strongly consistent) and every write
         // (the cursor items of the queue) is under 1 KB (1 WCU).
-        let (mut read_requests, mut write_requests) = (0.0, 0.0);
-        for c in store_ops.values() {
-            if c.wcu > 0.0 {
-                write_requests += c.requests as f64;
-            } else {
-                read_requests += c.requests as f64;
-            }
-        }
+        let requests_where = |write: bool| -> f64 {
+            store_ops
+                .values()
+                .filter(|c| (c.wcu > 0.0) == write)
+                .map(|c| c.requests as f64 * 60.0 / secs)
+                .sum()
+        };
+        let paper = (requests_where(true), requests_where(false)); // (WCU, RCU) per minute
         Some((
             per_minute(per_msg(&store_ops, 1, None)),
-            per_minute(PerMsg {
-                requests: write_requests,
-                wcu: write_requests,
-                rcu: read_requests,
-            }),
+            paper,
             per_minute(per_msg(&lease_ops, 1, None)),
         ))
     } else {
@@ -319,12 +315,12 @@ async fn measure(
         "0".into(),
         "—".into(),
     );
-    if let Some((store_ops, paper, leases)) = idle {
+    if let Some((store_ops, (paper_wcu, paper_rcu), leases)) = idle {
         line(
             "idle relay's queue reads and cursor writes, per minute",
             store_ops,
-            fmt(paper.wcu),
-            fmt(paper.rcu),
+            fmt(paper_wcu),
+            fmt(paper_rcu),
             "—".into(),
         );
         line(
