@@ -17,4 +17,6 @@ async fn setup(ctx: SetupContext) -> Result<Fixture<DynamoDbStore>> {
     common::fixture(ctx, config).await
 }
 
-outbox_conformance::conformance_tests!(setup);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new().backend("", setup).run()
+}

@@ -405,7 +405,11 @@ async fn expired_inbox_entries_count_as_absent() {
         store.insert(&entry).await.unwrap(),
         InsertOutcome::Duplicate
     );
-    assert_eq!(store.purge_expired(100).await.unwrap(), 0, "TTL does it");
+    assert_eq!(
+        store.purge_expired(100).await.unwrap(),
+        0,
+        "the entry inserted again is live: purge leaves it"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

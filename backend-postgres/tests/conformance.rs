@@ -103,9 +103,9 @@ async fn setup_custom(ctx: SetupContext) -> Result<Fixture<PgStore>> {
     fixture(ctx, config).await
 }
 
-outbox_conformance::conformance_tests!(setup);
-
-mod custom {
-    use super::*;
-    outbox_conformance::conformance_tests!(setup_custom);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new()
+        .backend("", setup)
+        .backend("custom", setup_custom)
+        .run()
 }

@@ -95,9 +95,9 @@ async fn setup_rollback_journal(ctx: SetupContext) -> Result<Fixture<SqliteStore
     fixture(ctx, config, dir).await
 }
 
-outbox_conformance::conformance_tests!(setup);
-
-mod rollback_journal {
-    use super::*;
-    outbox_conformance::conformance_tests!(setup_rollback_journal);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new()
+        .backend("", setup)
+        .backend("rollback_journal", setup_rollback_journal)
+        .run()
 }

@@ -70,7 +70,7 @@ impl<S: TransactionalStore> std::fmt::Debug for Fixture<S> {
 
 impl Fixture<NoTransactions> {
     /// A fixture for a backend without transactions (`capabilities().transactions == false`):
-    /// the transaction cases skip, everything else runs.
+    /// the cases that need transactions are reported as ignored, everything else runs.
     pub fn without_transactions(
         outbox: Arc<dyn OutboxStore>,
         inbox: Arc<dyn InboxStore>,
@@ -131,7 +131,7 @@ impl SetupContext {
 }
 
 /// Stand-in transactional store for backends without transactions; `begin` fails with
-/// `Unsupported`. Cases that need transactions skip before calling it.
+/// `Unsupported`. The cases that need transactions are not run against it.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoTransactions;
 
@@ -177,8 +177,8 @@ impl BusinessRecords<NoTransaction> for NoTransactions {
     }
 }
 
-/// Run `fut` on a fresh multi-thread tokio runtime with 4 workers (what every generated test
-/// does).
+/// Run `fut` on a fresh multi-thread tokio runtime with 4 workers (what every case of a
+/// [`Suite`](crate::Suite) does).
 ///
 /// # Panics
 /// If the runtime cannot be built, or `fut` panics.
@@ -193,13 +193,14 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
 
 /// Build the fixture of `case` with the backend's `setup`.
 ///
-/// Returns `None` (after printing why) when setup fails with `ErrorKind::Unavailable`, the
-/// backend's service is absent, and [`REQUIRED_ENV`] is not `1`.
+/// Returns `Err(reason)` when setup fails with `ErrorKind::Unavailable` (the backend's service
+/// is absent) and [`REQUIRED_ENV`] is not `1`: the runner reports the case as ignored with
+/// that reason.
 ///
 /// # Panics
 /// On any other setup error, when the service is absent but required, when the fixture's
 /// clock is not the context's clock, and when the store is not empty.
-pub async fn setup<S, F, Fut>(case: &str, setup: F) -> Option<Fixture<S>>
+pub async fn setup<S, F, Fut>(case: &str, setup: F) -> std::result::Result<Fixture<S>, String>
 where
     S: TransactionalStore,
     F: FnOnce(SetupContext) -> Fut,
@@ -209,11 +210,7 @@ where
     let clock = ctx.clock.clone();
     let fixture = match setup(ctx).await {
         Ok(f) => f,
-        Err(e) if e.kind() == ErrorKind::Unavailable && !required() => {
-            eprintln!("SKIPPED {case}: backend unavailable ({e}); set {REQUIRED_ENV}=1 to fail");
-            return None;
-        }
-        Err(e) => panic!("setup of {case} failed: {e}"),
+        Err(e) => return Err(unavailable(case, "backend", e)),
     };
     clock.advance(Duration::from_micros(1));
     assert_eq!(
@@ -231,14 +228,19 @@ where
         outbox_core::OutboxStats::default(),
         "setup must return an empty store for {case}; isolate cases with SetupContext::name"
     );
-    Some(fixture)
+    Ok(fixture)
 }
 
-fn required() -> bool {
-    std::env::var(REQUIRED_ENV).is_ok_and(|v| v == "1")
-}
-
-/// Print why a case does not apply to this backend. Cases call it and return.
-pub fn skip(case: &str, reason: &str) {
-    eprintln!("SKIPPED {case}: {reason}");
+/// The reason to report for a setup that failed because `what` is not running, when that is
+/// allowed ([`REQUIRED_ENV`] is not `1`).
+///
+/// # Panics
+/// On any other error, and on `Unavailable` when the service is required.
+pub(crate) fn unavailable(case: &str, what: &str, e: Error) -> String {
+    let required = std::env::var(REQUIRED_ENV).is_ok_and(|v| v == "1");
+    if e.kind() == ErrorKind::Unavailable && !required {
+        format!("{what} unavailable ({e}); set {REQUIRED_ENV}=1 to fail instead")
+    } else {
+        panic!("setup of {case} failed: {e}")
+    }
 }

@@ -269,6 +269,10 @@ fn order_by_key(messages: &[Message]) -> HashMap<String, Vec<MessageId>> {
     by_key
 }
 
+/// How long [`wait_published`] waits without progress before failing: far below the
+/// cases' hour-long poll intervals, far above one batch on a loaded moto.
+const STALL: Duration = Duration::from_secs(15);
+
 async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let waited = tokio::time::timeout(Duration::from_secs(20), async {
         while !cond() {
@@ -277,6 +281,23 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     })
     .await;
     assert!(waited.is_ok(), "timed out waiting until {what}");
+}
+
+/// Wait until `broker` holds at least `n` messages. A slow store (moto on a loaded machine)
+/// may take long, so this fails only on a stall: `stall` without a single new publish.
+async fn wait_published(broker: &MemoryBroker, n: usize, stall: Duration) {
+    let (mut seen, mut last_progress) = (0, tokio::time::Instant::now());
+    while broker.published_count() < n {
+        let now = broker.published_count();
+        if now > seen {
+            (seen, last_progress) = (now, tokio::time::Instant::now());
+        }
+        assert!(
+            last_progress.elapsed() < stall,
+            "stalled at {seen} of {n} published for {stall:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Relay 1: every committed message is published, exactly once without failures, in per-key
@@ -564,7 +585,7 @@ pub async fn graceful_shutdown_releases_leases<S: TransactionalStore>(f: &Fixtur
     let r = relay(f, Arc::new(broker.producer()), config("r"));
     let shutdown = CancellationToken::new();
     let running = r.spawn(shutdown.clone());
-    wait_until("all 40 published", || broker.published_count() >= 40).await;
+    wait_published(&broker, 40, STALL).await;
     shutdown.cancel();
     let report = running.await.expect("join").expect("run");
     assert_eq!(report.published, 40);
@@ -866,7 +887,7 @@ pub async fn racing_relays_never_overlap<S: TransactionalStore>(f: &Fixture<S>) 
     }
     let shutdown = CancellationToken::new();
     let running: Vec<_> = relays.iter().map(|r| r.spawn(shutdown.clone())).collect();
-    wait_until("all published", || broker.published_count() >= added.len()).await;
+    wait_published(&broker, added.len(), STALL).await;
     shutdown.cancel();
     for r in running {
         r.await.expect("join").expect("run");
@@ -914,7 +935,7 @@ pub async fn stale_fetch_publishes_once<S: TransactionalStore>(f: &Fixture<S>) {
     .expect("valid relay config");
     let shutdown = CancellationToken::new();
     let running = r.spawn(shutdown.clone());
-    wait_until("all published", || broker.published_count() >= added.len()).await;
+    wait_published(&broker, added.len(), STALL).await;
     // Give a late duplicate the time to show.
     tokio::time::sleep(Duration::from_millis(100)).await;
     shutdown.cancel();
@@ -952,20 +973,8 @@ pub async fn backlog_drains_at_in_flight_cap<S: TransactionalStore>(f: &Fixture<
     let shutdown = CancellationToken::new();
     let running = r.spawn(shutdown.clone());
     // A stall waits for the hour's poll; a slow store (moto on a loaded machine) still makes
-    // progress. Fail on 15 s without a single publish.
-    let (mut seen, mut last_progress) = (0, tokio::time::Instant::now());
-    while broker.published_count() < added.len() {
-        let now = broker.published_count();
-        if now > seen {
-            (seen, last_progress) = (now, tokio::time::Instant::now());
-        }
-        assert!(
-            last_progress.elapsed() < Duration::from_secs(15),
-            "stalled at {seen} of {} published: the relay waits for its poll",
-            added.len()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // progress.
+    wait_published(&broker, added.len(), STALL).await;
     shutdown.cancel();
     running.await.expect("join").expect("run");
     assert_eq!(

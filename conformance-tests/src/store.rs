@@ -15,7 +15,7 @@ use outbox_core::{
     TransactionalStore, Utc, shard_for,
 };
 
-use crate::harness::{Fixture, skip};
+use crate::harness::Fixture;
 use crate::support::{
     BIG, add, all_shards, assert_absent, assert_kind, build, err, fetch, fetch_shards, get, ids,
     keyed, keys_in_distinct_shards, minus, msg, msg_ids, ok, park, plus, retry_after, status,
@@ -147,12 +147,6 @@ pub async fn shard_assignment<S: TransactionalStore>(f: &Fixture<S>) {
 /// Item 2: a message added inside the caller's transaction exists after commit, together with
 /// the caller's record, and is pending.
 pub async fn transactional_add_commit<S: TransactionalStore>(f: &Fixture<S>) {
-    if !f.outbox.capabilities().transactions {
-        return skip(
-            "store_transactional_add_commit",
-            "backend has no transactions",
-        );
-    }
     let store = &*f.outbox;
     let m = keyed("orders", "order-1");
     let mut tx = ok(f.tx_store.begin().await, "begin");
@@ -178,12 +172,6 @@ pub async fn transactional_add_commit<S: TransactionalStore>(f: &Fixture<S>) {
 /// Item 2: after rollback, and after dropping the transaction, neither the message nor the
 /// caller's record exists, nothing is pending, and the id is free to be added again.
 pub async fn transactional_add_rollback<S: TransactionalStore>(f: &Fixture<S>) {
-    if !f.outbox.capabilities().transactions {
-        return skip(
-            "store_transactional_add_rollback",
-            "backend has no transactions",
-        );
-    }
     let store = &*f.outbox;
     let rolled = keyed("orders", "order-rolled-back");
     let dropped = msg("orders");
@@ -287,12 +275,6 @@ pub async fn duplicate_within_batch<S: TransactionalStore>(f: &Fixture<S>) {
 /// `add` or at `commit`) and nothing of it is written: not its other messages, not the
 /// caller's record.
 pub async fn duplicate_add_in_transaction<S: TransactionalStore>(f: &Fixture<S>) {
-    if !f.outbox.capabilities().transactions {
-        return skip(
-            "store_duplicate_add_in_transaction",
-            "backend has no transactions",
-        );
-    }
     let store = &*f.outbox;
     let original = msg("orders");
     add(store, &original).await;
@@ -377,15 +359,13 @@ pub async fn add_batch_in_order<S: TransactionalStore>(f: &Fixture<S>) {
 }
 
 /// A batch over `capabilities().max_batch` fails with `LimitExceeded` and writes nothing; a
-/// batch of exactly the limit succeeds. Skipped without a batch limit.
+/// batch of exactly the limit succeeds. Needs a batch limit (registered only with one).
 pub async fn batch_limit<S: TransactionalStore>(f: &Fixture<S>) {
     let store = &*f.outbox;
-    let Some(limit) = store.capabilities().max_batch else {
-        return skip(
-            "store_batch_limit",
-            "backend has no batch limit (max_batch is None)",
-        );
-    };
+    let limit = store
+        .capabilities()
+        .max_batch
+        .expect("store_batch_limit needs Capabilities::max_batch");
     let too_many: Vec<Message> = (0..=limit).map(|_| msg("batch")).collect();
     let e = err(store.add_batch(&too_many).await, "add_batch over max_batch");
     assert_eq!(
@@ -451,10 +431,7 @@ pub async fn fetch_only_requested_shards<S: TransactionalStore>(f: &Fixture<S>) 
             vec![m.id]
         );
         assert!(fetch_shards(store, vec![], ordering, BIG).await.is_empty());
-        return skip(
-            "store_fetch_only_requested_shards",
-            "single shard: only [0] and [] checked",
-        );
+        return; // a single shard: only [0] and [] can be checked
     }
     let keys = keys_in_distinct_shards("shard", n, if n >= 3 { 3 } else { 2 });
     let (ka, sa) = &keys[0];
@@ -1214,17 +1191,14 @@ fn ids_of(v: &[Message]) -> Vec<MessageId> {
 
 /// Item 10: a message over `capabilities().max_message_size` fails with
 /// `PayloadTooLarge { size > limit, limit }` at `add`, `add_batch` and `Transaction::add`, and
-/// nothing is written; a message of half the limit is stored untruncated. Skipped without a
-/// limit.
+/// nothing is written; a message of half the limit is stored untruncated. Needs a size limit
+/// (registered only with one).
 pub async fn size_limit<S: TransactionalStore>(f: &Fixture<S>) {
     let store = &*f.outbox;
     let caps = store.capabilities();
-    let Some(limit) = caps.max_message_size else {
-        return skip(
-            "store_size_limit",
-            "backend has no size limit (max_message_size is None)",
-        );
-    };
+    let limit = caps
+        .max_message_size
+        .expect("store_size_limit needs Capabilities::max_message_size");
     let check = |e: outbox_core::Error, what: &str| match e.kind() {
         ErrorKind::PayloadTooLarge { size, limit: l } => {
             assert_eq!(

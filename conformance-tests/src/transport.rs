@@ -1,7 +1,8 @@
 //! Transport cases: DESIGN.md "Transports" items 1–5, against a real broker.
 //!
 //! A transport crate implements [`TransportHarness`] for one isolated destination per case
-//! (a fresh topic, or exchange + queue) and invokes [`transport_tests!`](crate::transport_tests).
+//! (a fresh topic, or exchange + queue) and runs them with
+//! [`Suite::transport`](crate::Suite::transport).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,19 +33,19 @@ pub trait TransportHarness: Send + Sync {
     async fn dead_letters(&self, expected: usize) -> Result<Vec<(Message, String)>>;
 
     /// A producer pointed at an address where no broker listens, for the retryable-error
-    /// case. `None` skips it.
+    /// case. `None`: the case does not apply (reported as ignored, with the reason).
     fn unreachable_producer(&self) -> Option<Arc<dyn Producer>> {
         None
     }
 
     /// A topic that no destination accepts (unroutable; unknown with auto-creation off), for
-    /// the permanent-error case. `None` skips it.
+    /// the permanent-error case. `None`: the case does not apply (reported as ignored).
     fn unroutable_topic(&self) -> Option<String> {
         None
     }
 
     /// The largest message the broker accepts, in payload bytes, for the too-large case.
-    /// `None` skips it.
+    /// `None`: the case does not apply (reported as ignored).
     fn max_message_size(&self) -> Option<usize> {
         None
     }
@@ -77,32 +78,25 @@ use outbox_core::{
     ProcessOutcome, Utc,
 };
 
-use crate::harness::{REQUIRED_ENV, SetupContext};
+use crate::harness::{SetupContext, unavailable};
 
 /// How long a case waits for one delivery before failing (group joins take seconds).
 const RECEIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Build the harness of `case` with the transport's `setup`; `None` (after printing why) when
-/// the broker is unavailable and [`REQUIRED_ENV`] is not `1`.
+/// Build the harness of `case` with the transport's `setup`; `Err(reason)` when the broker is
+/// unavailable and [`REQUIRED_ENV`](crate::harness::REQUIRED_ENV) is not `1` (the runner
+/// reports the case as ignored with that reason).
 ///
 /// # Panics
 /// On any other setup error, or when the broker is absent but required.
-pub async fn setup<H, F, Fut>(case: &str, setup: F) -> Option<H>
+pub async fn setup<H, F, Fut>(case: &str, setup: F) -> std::result::Result<H, String>
 where
     F: FnOnce(SetupContext) -> Fut,
     Fut: Future<Output = Result<H>>,
 {
-    match setup(SetupContext::new(case)).await {
-        Ok(h) => Some(h),
-        Err(e)
-            if e.kind() == ErrorKind::Unavailable
-                && !std::env::var(REQUIRED_ENV).is_ok_and(|v| v == "1") =>
-        {
-            eprintln!("SKIPPED {case}: broker unavailable ({e}); set {REQUIRED_ENV}=1 to fail");
-            None
-        }
-        Err(e) => panic!("setup of {case} failed: {e}"),
-    }
+    setup(SetupContext::new(case))
+        .await
+        .map_err(|e| unavailable(case, "broker", e))
 }
 
 async fn receive(consumer: &dyn Consumer) -> Delivery {
@@ -265,11 +259,10 @@ pub async fn send_ordered_stops_at_permanent_failure(h: &dyn TransportHarness) {
             .payload(vec![7u8; limit + 1])
             .build()
     } else {
-        crate::harness::skip(
-            "transport_send_ordered_stops_at_permanent_failure",
-            "no unroutable topic and no size limit: nothing the broker rejects for good",
+        panic!(
+            "transport_send_ordered_stops_at_permanent_failure needs an unroutable topic or a \
+             size limit"
         );
-        return;
     }
     .expect("valid message");
     let mut chain: Vec<Message> = (0..PREFIX)
@@ -329,13 +322,9 @@ pub async fn delivery_timeout_bounded(h: &dyn TransportHarness) {
 /// Transport 3: a broker that cannot be reached gives a retryable `Unavailable` error (the
 /// relay keeps the message pending and retries).
 pub async fn unreachable_broker_is_retryable(h: &dyn TransportHarness) {
-    let Some(p) = h.unreachable_producer() else {
-        crate::harness::skip(
-            "transport_unreachable_broker_is_retryable",
-            "no unreachable producer",
-        );
-        return;
-    };
+    let p = h
+        .unreachable_producer()
+        .expect("transport_unreachable_broker_is_retryable needs an unreachable producer");
     let m = message(h, Some("k"), "x");
     let res = tokio::time::timeout(Duration::from_secs(120), p.send(&m))
         .await
@@ -347,13 +336,9 @@ pub async fn unreachable_broker_is_retryable(h: &dyn TransportHarness) {
 
 /// Transport 3: a message nothing can route is a permanent error, never silently dropped.
 pub async fn unroutable_is_permanent(h: &dyn TransportHarness) {
-    let Some(topic) = h.unroutable_topic() else {
-        crate::harness::skip(
-            "transport_unroutable_is_permanent",
-            "broker routes every topic",
-        );
-        return;
-    };
+    let topic = h
+        .unroutable_topic()
+        .expect("transport_unroutable_is_permanent needs an unroutable topic");
     let m = Message::builder(topic)
         .key("k")
         .build()
@@ -368,10 +353,9 @@ pub async fn unroutable_is_permanent(h: &dyn TransportHarness) {
 
 /// Transport 3: a message over the broker's limit is a permanent `PayloadTooLarge`.
 pub async fn too_large_is_permanent(h: &dyn TransportHarness) {
-    let Some(limit) = h.max_message_size() else {
-        crate::harness::skip("transport_too_large_is_permanent", "no known size limit");
-        return;
-    };
+    let limit = h
+        .max_message_size()
+        .expect("transport_too_large_is_permanent needs a size limit");
     let m = Message::builder(h.topic())
         .key("k")
         .payload(vec![7u8; limit + 1])

@@ -1,8 +1,8 @@
 //! Transaction cases: the `# Behavior` sections of [`Transaction`] and [`TransactionalStore`]
 //! (outbox contract item 2 seen from the transaction's side, and the transaction contract
 //! after a failure: `tx_*_aborts`, `tx_rollback_after_failure`,
-//! `tx_inbox_duplicate_does_not_abort`). Every case skips when
-//! `capabilities().transactions` is false.
+//! `tx_inbox_duplicate_does_not_abort`). Every case needs `capabilities().transactions`
+//! (the suite registers them only then).
 
 use std::collections::BTreeSet;
 
@@ -11,19 +11,10 @@ use outbox_core::{
     Transaction, TransactionalStore, shard_for,
 };
 
-use crate::harness::{Fixture, skip};
+use crate::harness::Fixture;
 use crate::support::{
     BIG, assert_absent, err, fetch, get, ids, keyed, keys_in_distinct_shards, msg, msg_ids, ok,
 };
-
-fn no_transactions<S: TransactionalStore>(f: &Fixture<S>, case: &str) -> bool {
-    if f.outbox.capabilities().transactions {
-        false
-    } else {
-        skip(case, "backend has no transactions");
-        true
-    }
-}
 
 fn shards_of(store: &dyn OutboxStore, messages: &[&Message]) -> BTreeSet<u32> {
     messages
@@ -35,9 +26,6 @@ fn shards_of(store: &dyn OutboxStore, messages: &[&Message]) -> BTreeSet<u32> {
 /// `commit` returns `Committed` with the added ids in add order and their shards; a
 /// transaction with only business writes commits with an empty `Committed`.
 pub async fn commit_reports_ids_and_shards<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_commit_reports_ids_and_shards") {
-        return;
-    }
     let store = &*f.outbox;
     let n = store.shard_count();
     let keys = keys_in_distinct_shards("tx", n, n.min(2) as usize);
@@ -74,9 +62,6 @@ pub async fn commit_reports_ids_and_shards<S: TransactionalStore>(f: &Fixture<S>
 /// `begin`: nothing staged is visible to others before commit (`get`, `fetch_pending`, `list`,
 /// `stats`, inbox `contains`, the caller's record); everything is after commit.
 pub async fn invisible_before_commit<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_invisible_before_commit") {
-        return;
-    }
     let store = &*f.outbox;
     let m = keyed("tx", "k");
     let e = InboxEntry::new(MessageId::new(), "handler");
@@ -119,9 +104,6 @@ pub async fn invisible_before_commit<S: TransactionalStore>(f: &Fixture<S>) {
 
 /// `Transaction::add_batch` and repeated `add`: messages get their sequence in add order.
 pub async fn add_order_is_sequence_order<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_add_order_is_sequence_order") {
-        return;
-    }
     let store = &*f.outbox;
     // Descending ids, so only the add order explains the result.
     let mut pool: Vec<MessageId> = (0..6).map(|_| MessageId::new()).collect();
@@ -160,9 +142,6 @@ pub async fn add_order_is_sequence_order<S: TransactionalStore>(f: &Fixture<S>) 
 /// and then last, so one run always has ids that sort against commit order: only the store's
 /// commit sequence explains the result.
 pub async fn commit_order_is_fetch_order<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_commit_order_is_fetch_order") {
-        return;
-    }
     for a_sorts_first in [true, false] {
         let key = format!("commit-order-{a_sorts_first}");
         let (lo, hi) = (MessageId::new(), MessageId::new());
@@ -337,9 +316,6 @@ async fn assert_store_usable<S: TransactionalStore>(
 /// business record, not the inbox entry), and the store still works. Also with an invalid
 /// message in the middle of an `add_batch`.
 pub async fn failed_add_aborts<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_failed_add_aborts") {
-        return;
-    }
     for batch in [false, true] {
         let good = msg("tx-abort");
         let mut bad = msg("tx-abort");
@@ -381,9 +357,6 @@ pub async fn failed_add_aborts<S: TransactionalStore>(f: &Fixture<S>) {
 /// `commit` fails with `AlreadyExists`. Either way nothing of the transaction is written, the
 /// stored message is unchanged, and the store still works.
 pub async fn duplicate_add_aborts<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_duplicate_add_aborts") {
-        return;
-    }
     let store = &*f.outbox;
 
     // The same id twice in one transaction.
@@ -441,9 +414,6 @@ pub async fn duplicate_add_aborts<S: TransactionalStore>(f: &Fixture<S>) {
 /// An invalid inbox entry (empty handler key) in `inbox_insert` fails at once with
 /// `InvalidInput` and aborts the transaction, as a failed `add` does.
 pub async fn failed_inbox_insert_aborts<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_failed_inbox_insert_aborts") {
-        return;
-    }
     let good = msg("tx-abort");
     let entry = InboxEntry::new(MessageId::new(), "abort");
     let bad = InboxEntry::new(MessageId::new(), "");
@@ -469,9 +439,6 @@ pub async fn failed_inbox_insert_aborts<S: TransactionalStore>(f: &Fixture<S>) {
 /// `rollback` succeeds on an aborted transaction (and so does dropping one); nothing of it is
 /// visible, and the store still works.
 pub async fn rollback_after_failure<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_rollback_after_failure") {
-        return;
-    }
     let store = &*f.outbox;
     for drop_it in [false, true] {
         let good = msg("tx-abort");
@@ -504,9 +471,6 @@ pub async fn rollback_after_failure<S: TransactionalStore>(f: &Fixture<S>) {
 /// entry twice in one transaction (`Inserted`, then `Duplicate` on every backend), the
 /// transaction still adds and commits.
 pub async fn inbox_duplicate_does_not_abort<S: TransactionalStore>(f: &Fixture<S>) {
-    if no_transactions(f, "tx_inbox_duplicate_does_not_abort") {
-        return;
-    }
     let entry = InboxEntry::new(MessageId::new(), "twice");
     let m = msg("tx-dup-inbox");
     let mut tx = ok(f.tx_store.begin().await, "begin");

@@ -64,10 +64,9 @@ async fn wrapped(ctx: SetupContext) -> Result<Fixture<MemoryStore>> {
     })
 }
 
-mod concrete {
-    outbox_conformance::conformance_tests!(super::concrete);
-}
-
-mod wrapped {
-    outbox_conformance::conformance_tests!(super::wrapped);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new()
+        .backend("concrete", concrete)
+        .backend("wrapped", wrapped)
+        .run()
 }

@@ -68,4 +68,6 @@ async fn setup(ctx: SetupContext) -> Result<Harness> {
     })
 }
 
-outbox_conformance::transport_tests!(setup);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new().transport("", setup).run()
+}

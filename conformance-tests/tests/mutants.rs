@@ -63,6 +63,8 @@ enum Flaw {
     InboxRacy,
     InboxIgnoresHandlerKey,
     InboxPurgesLive,
+    /// `purge_expired` deletes nothing and returns 0 (a backend that leaves it to a TTL).
+    InboxPurgesNothing,
     /// Only an empty handler key is refused (NUL and over-long keys are stored).
     InboxOnlyEmptyKeyRule,
     /// Handler keys are cut to 255 bytes (a shorter key column).
@@ -452,6 +454,9 @@ impl InboxStore for OwnInbox {
         self.retention
     }
     async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        if self.flaw == Flaw::InboxPurgesNothing {
+            return Ok(0);
+        }
         let mut entries = self.entries();
         let doomed: Vec<_> = entries
             .iter()
@@ -602,9 +607,11 @@ impl DistributedLock for OwnLock {
 
 async fn setup(ctx: SetupContext, flaw: Flaw) -> Result<Fixture<Mutant>> {
     let retention = Duration::from_secs(3600);
+    // The baseline checks the size limit itself; `NoSizeCheck` only claims it.
     let memory = MemoryStore::builder()
         .with_clock(ctx.shared_clock())
         .with_inbox_retention(retention)
+        .with_max_message_size((flaw == Flaw::None).then_some(SIZE_LIMIT))
         .build()?;
     let own_inbox = flaw.is_inbox().then(|| {
         Arc::new(OwnInbox {
@@ -767,6 +774,7 @@ async fn inbox_cases_catch_flaws() {
     catches!(Flaw::InboxRacy, inbox::concurrent_insert_one_winner);
     catches!(Flaw::InboxIgnoresHandlerKey, inbox::first_insert_wins);
     catches!(Flaw::InboxPurgesLive, inbox::purge_expired);
+    catches!(Flaw::InboxPurgesNothing, inbox::purge_expired);
     catches!(Flaw::InboxOnlyEmptyKeyRule, inbox::invalid_handler_key);
     catches!(Flaw::InboxTruncatesKeys, inbox::longest_handler_key);
 }

@@ -12,4 +12,6 @@ async fn setup(ctx: SetupContext) -> Result<KafkaHarness> {
     KafkaHarness::new(&ctx.name, 3).await
 }
 
-outbox_conformance::transport_tests!(setup);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new().transport("", setup).run()
+}

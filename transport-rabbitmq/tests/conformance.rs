@@ -10,4 +10,6 @@ async fn setup(ctx: SetupContext) -> Result<common::Harness> {
     common::Harness::new(&ctx.name).await
 }
 
-outbox_conformance::transport_tests!(setup);
+fn main() -> std::process::ExitCode {
+    outbox_conformance::Suite::new().transport("", setup).run()
+}
