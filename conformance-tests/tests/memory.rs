@@ -2,49 +2,19 @@
 //! behind the fixture's trait objects, and with trait objects wrapped in trait objects again
 //! (exercising the forwarding impls for `Arc<dyn ...>` in outbox-core).
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use outbox_conformance::{BusinessRecords, Fixture, SetupContext};
-use outbox_core::memory::{MemoryLock, MemoryStore, MemoryTx};
-use outbox_core::{DistributedLock, InboxStore, OutboxStore, Result, async_trait};
+use outbox_conformance::{Fixture, SetupContext};
+use outbox_core::memory::{MemoryLock, MemoryStore};
+use outbox_core::{DistributedLock, InboxStore, OutboxStore, Result};
 
-/// Business records of the memory backend: its key-value records.
-struct Records(MemoryStore);
-
-#[async_trait]
-impl BusinessRecords<MemoryTx> for Records {
-    async fn write(&self, tx: &mut MemoryTx, key: &str) -> Result<()> {
-        tx.put_record(key, "conformance");
-        Ok(())
-    }
-
-    async fn exists(&self, key: &str) -> Result<bool> {
-        Ok(self.0.record(key).is_some())
-    }
-}
-
-fn store(ctx: &SetupContext, max_message_size: Option<usize>) -> Result<MemoryStore> {
-    MemoryStore::builder()
-        .with_clock(ctx.shared_clock())
-        .with_shard_count(16)
-        .with_inbox_retention(Duration::from_secs(3600))
-        .with_max_message_size(max_message_size)
-        .build()
-}
+use common::{Records, store};
 
 /// Concrete `MemoryStore` / `MemoryLock` coerced into the fixture, with a 64 KiB size limit.
 async fn concrete(ctx: SetupContext) -> Result<Fixture<MemoryStore>> {
-    let store = store(&ctx, Some(64 * 1024))?;
-    Ok(Fixture {
-        outbox: Arc::new(store.clone()),
-        inbox: Arc::new(store.clone()),
-        lock: Arc::new(MemoryLock::new(ctx.shared_clock())),
-        tx_store: Arc::new(store.clone()),
-        records: Arc::new(Records(store)),
-        clock: ctx.clock,
-        keep_alive: Vec::new(),
-    })
+    common::fixture(ctx, Some(64 * 1024))
 }
 
 /// Trait objects inside trait objects: every call goes through the `Arc<T>` forwarding impls.

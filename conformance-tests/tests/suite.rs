@@ -1,54 +1,22 @@
 //! The runner reports what it did: a case a backend cannot run is counted as ignored, with
 //! its reason, never as passed; a case that applies runs and can fail.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use outbox_conformance::{Arguments, BusinessRecords, Conclusion, Fixture, SetupContext, Suite};
-use outbox_core::memory::{MemoryLock, MemoryStore, MemoryTx};
-use outbox_core::{Error, ErrorKind, Result, async_trait};
+use outbox_conformance::{Arguments, Conclusion, Fixture, SetupContext, Suite};
+use outbox_core::memory::{MemoryLock, MemoryStore};
+use outbox_core::{Error, ErrorKind, Result};
 
-struct Records(MemoryStore);
-
-#[async_trait]
-impl BusinessRecords<MemoryTx> for Records {
-    async fn write(&self, tx: &mut MemoryTx, key: &str) -> Result<()> {
-        tx.put_record(key, "suite");
-        Ok(())
-    }
-
-    async fn exists(&self, key: &str) -> Result<bool> {
-        Ok(self.0.record(key).is_some())
-    }
-}
-
-fn store(ctx: &SetupContext, max_message_size: Option<usize>) -> Result<MemoryStore> {
-    MemoryStore::builder()
-        .with_clock(ctx.shared_clock())
-        .with_inbox_retention(Duration::from_secs(3600))
-        .with_max_message_size(max_message_size)
-        .build()
-}
+use common::store;
 
 async fn limited(ctx: SetupContext) -> Result<Fixture<MemoryStore>> {
-    full(ctx, Some(64 * 1024))
+    common::fixture(ctx, Some(64 * 1024))
 }
 
 async fn unlimited(ctx: SetupContext) -> Result<Fixture<MemoryStore>> {
-    full(ctx, None)
-}
-
-fn full(ctx: SetupContext, max_message_size: Option<usize>) -> Result<Fixture<MemoryStore>> {
-    let store = store(&ctx, max_message_size)?;
-    Ok(Fixture {
-        outbox: Arc::new(store.clone()),
-        inbox: Arc::new(store.clone()),
-        lock: Arc::new(MemoryLock::new(ctx.shared_clock())),
-        tx_store: Arc::new(store.clone()),
-        records: Arc::new(Records(store)),
-        clock: ctx.clock,
-        keep_alive: Vec::new(),
-    })
+    common::fixture(ctx, None)
 }
 
 /// The memory store seen as a backend without transactions.
