@@ -23,6 +23,8 @@ use crate::store::{
 };
 use crate::tx::{AbortState, Committed, Transaction, TransactionalStore};
 
+use super::lock::MemoryLock;
+
 pub use crate::rules::{DEFAULT_INBOX_RETENTION, DEFAULT_SHARD_COUNT};
 
 /// Page size of [`OutboxStore::list`] when the query's limit is 0.
@@ -237,26 +239,33 @@ impl MemoryStore {
         Arc::clone(&self.inner.clock)
     }
 
+    /// A new in-memory distributed lock on this store's clock (what `lock()` gives on the
+    /// other backends; the lock keeps its own leases). Each call makes a separate lock:
+    /// share one between the relays that must exclude each other.
+    pub fn lock(&self) -> MemoryLock {
+        MemoryLock::new(self.clock())
+    }
+
     /// The committed value of the record `key`, if any (see [`MemoryTx::put_record`]).
     pub fn record(&self, key: &str) -> Option<Bytes> {
-        self.lock().records.get(key).cloned()
+        self.state().records.get(key).cloned()
     }
 
     /// Number of committed records.
     pub fn record_count(&self) -> usize {
-        self.lock().records.len()
+        self.state().records.len()
     }
 
     /// Every committed record, sorted by key.
     pub fn records(&self) -> Vec<(String, Bytes)> {
-        self.lock()
+        self.state()
             .records
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -282,7 +291,7 @@ impl Default for MemoryStore {
 
 impl fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let st = self.lock();
+        let st = self.state();
         f.debug_struct("MemoryStore")
             .field("shard_count", &self.inner.shard_count)
             .field("inbox_retention", &self.inner.inbox_retention)
@@ -306,7 +315,7 @@ impl OutboxStore for MemoryStore {
 
     async fn add(&self, message: &Message) -> Result<()> {
         self.check_message(message)?;
-        let mut st = self.lock();
+        let mut st = self.state();
         if st.by_id.contains_key(&message.id) {
             return Err(already_exists(message.id, "is already stored"));
         }
@@ -324,7 +333,7 @@ impl OutboxStore for MemoryStore {
                 ));
             }
         }
-        let mut st = self.lock();
+        let mut st = self.state();
         if let Some(m) = messages.iter().find(|m| st.by_id.contains_key(&m.id)) {
             return Err(already_exists(
                 m.id,
@@ -338,7 +347,7 @@ impl OutboxStore for MemoryStore {
     }
 
     async fn get(&self, id: MessageId) -> Result<Option<StoredMessage>> {
-        let st = self.lock();
+        let st = self.state();
         Ok(st
             .by_id
             .get(&id)
@@ -351,7 +360,7 @@ impl OutboxStore for MemoryStore {
             return Ok(Vec::new());
         }
         let now = self.now();
-        let st = self.lock();
+        let st = self.state();
         let shards: BTreeSet<u32> = query.shards.iter().copied().collect();
         let mut picked: Vec<u64> = Vec::new();
         // A key always maps to one shard, so per-key blocking is local to a shard, and the
@@ -401,7 +410,7 @@ impl OutboxStore for MemoryStore {
 
     async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
         let now = self.now();
-        let mut st = self.lock();
+        let mut st = self.state();
         for id in ids {
             let Some(&seq) = st.by_id.get(id) else {
                 continue;
@@ -422,7 +431,7 @@ impl OutboxStore for MemoryStore {
     }
 
     async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
-        let mut st = self.lock();
+        let mut st = self.state();
         let Some(&seq) = st.by_id.get(&id) else {
             return Err(Error::new(
                 ErrorKind::NotFound,
@@ -456,7 +465,7 @@ impl OutboxStore for MemoryStore {
     }
 
     async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
-        let mut st = self.lock();
+        let mut st = self.state();
         let candidates: Vec<u64> = match filter {
             RequeueFilter::Ids(ids) => ids
                 .iter()
@@ -492,7 +501,7 @@ impl OutboxStore for MemoryStore {
 
     async fn stats(&self) -> Result<OutboxStats> {
         let now = self.now();
-        let st = self.lock();
+        let st = self.state();
         let mut stats = OutboxStats::default();
         let mut oldest: Option<DateTime<Utc>> = None;
         for seq in st.open.values().flat_map(|set| set.iter()) {
@@ -528,7 +537,7 @@ impl OutboxStore for MemoryStore {
             // The retention reaches before the earliest representable time: nothing is old enough.
             return Ok(0);
         };
-        let mut st = self.lock();
+        let mut st = self.state();
         let doomed: Vec<(DateTime<Utc>, u64)> = st
             .dispatched
             .range(..=(cutoff, u64::MAX))
@@ -550,7 +559,7 @@ impl OutboxStore for MemoryStore {
         } else {
             query.limit
         };
-        let st = self.lock();
+        let st = self.state();
         Ok(st
             .messages
             .values()
@@ -568,7 +577,7 @@ impl OutboxStore for MemoryStore {
     }
 
     async fn dispatched_since(&self, since: DateTime<Utc>) -> Result<Option<u64>> {
-        let st = self.lock();
+        let st = self.state();
         Ok(Some(st.dispatched.range((since, 0)..).count() as u64))
     }
 }
@@ -578,7 +587,7 @@ impl InboxStore for MemoryStore {
     async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
         check_inbox_entry(entry)?;
         let now = self.now();
-        let mut st = self.lock();
+        let mut st = self.state();
         if st.inbox_live(entry, now, self.inner.inbox_retention) {
             return Ok(InsertOutcome::Duplicate);
         }
@@ -590,7 +599,7 @@ impl InboxStore for MemoryStore {
         check_inbox_entry(entry)?;
         let now = self.now();
         Ok(self
-            .lock()
+            .state()
             .inbox_live(entry, now, self.inner.inbox_retention))
     }
 
@@ -604,7 +613,7 @@ impl InboxStore for MemoryStore {
         }
         let now = self.now();
         let retention = self.inner.inbox_retention;
-        let mut st = self.lock();
+        let mut st = self.state();
         let expired: Vec<InboxEntry> = st
             .inbox
             .iter()
@@ -710,7 +719,7 @@ impl MemoryTx {
                 "was already added in this transaction",
             ));
         }
-        if self.store.lock().by_id.contains_key(&message.id) {
+        if self.store.state().by_id.contains_key(&message.id) {
             return Err(already_exists(message.id, "is already stored"));
         }
         self.staged_ids.insert(message.id);
@@ -725,7 +734,7 @@ impl MemoryTx {
         }
         let now = self.store.now();
         let retention = self.store.inner.inbox_retention;
-        if self.store.lock().inbox_live(entry, now, retention) {
+        if self.store.state().inbox_live(entry, now, retention) {
             return Ok(InsertOutcome::Duplicate);
         }
         self.staged_inbox.insert(entry.clone());
@@ -760,7 +769,7 @@ impl Transaction for MemoryTx {
         self.abort.check()?;
         let inner = &self.store.inner;
         let now = inner.clock.now();
-        let mut st = self.store.lock();
+        let mut st = self.store.state();
         // Re-check under the lock: a concurrent transaction may have committed meanwhile.
         if let Some(m) = self.messages.iter().find(|m| st.by_id.contains_key(&m.id)) {
             return Err(already_exists(
@@ -838,6 +847,22 @@ mod tests {
             .with_shard_count(4)
             .build()
             .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_store_lock_reads_the_store_clock() {
+        use crate::lock::DistributedLock;
+        let clock = ManualClock::new();
+        let lock = store_with(&clock).lock();
+        let ttl = Duration::from_secs(10);
+        let lease = lock.acquire("shard-0", "a", ttl).await.unwrap().unwrap();
+        assert!(lock.acquire("shard-0", "b", ttl).await.unwrap().is_none());
+        clock.advance(ttl);
+        let taken = lock.acquire("shard-0", "b", ttl).await.unwrap();
+        assert!(
+            taken.is_some_and(|l| l.token > lease.token),
+            "expired on the store's clock: another owner takes over with a higher token"
+        );
     }
 
     fn all_shards(store: &MemoryStore, ordering: Ordering) -> PendingQuery {
