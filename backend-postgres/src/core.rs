@@ -52,9 +52,10 @@ pub enum LockClock {
     /// database reported, never later than the real expiry.
     #[default]
     Database,
-    /// The store's configured [`Clock`] (see [`PgConfig::with_clock`](crate::PgConfig::with_clock)). For tests that move
-    /// time with a `ManualClock`; in production every contender's clock must agree within a
-    /// margin much smaller than the lease TTL.
+    /// The store's configured [`Clock`](outbox_core::Clock) (see
+    /// [`PgConfig::with_clock`](crate::PgConfig::with_clock)). For tests that move time with a
+    /// `ManualClock`; in production every contender's clock must agree within a margin much
+    /// smaller than the lease TTL.
     Store,
 }
 
