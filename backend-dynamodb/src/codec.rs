@@ -85,6 +85,12 @@ pub const MAX_ITEM_SIZE: usize = 400_000;
 /// Room kept in every message item for what the store writes later (`last_error`, dispatch
 /// time, TTL, attempts, index keys).
 pub const ITEM_HEADROOM: usize = 2 * 1024;
+/// Largest message accepted, measured as the DynamoDB item it becomes.
+pub const MAX_MESSAGE_SIZE: usize = MAX_ITEM_SIZE - ITEM_HEADROOM;
+/// DynamoDB's limit on actions in one transaction.
+pub const MAX_TRANSACTION_ACTIONS: usize = 100;
+/// DynamoDB's limit on the aggregate item size of one transaction (4 MB).
+pub const MAX_TRANSACTION_BYTES: usize = 4 * 1024 * 1024;
 
 pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())

@@ -177,7 +177,7 @@ impl DynamoDbConfig {
     /// Most messages in one `add_batch` (and one unit of work): each message is two actions
     /// of DynamoDB's 100 (its queue item and its id guard).
     pub fn max_batch(&self) -> usize {
-        crate::uow::MAX_TRANSACTION_ACTIONS / 2
+        crate::codec::MAX_TRANSACTION_ACTIONS / 2
     }
 }
 

@@ -1,33 +1,28 @@
-//! `InboxStore` and `TransactionalStore` for [`DynamoDbStore`]: one item per (message id,
-//! handler key) in the inbox table, inserted with a condition so the first insert wins.
+//! The inbox operations of a [`Core`] behind `InboxStore` for
+//! [`DynamoDbStore`](crate::DynamoDbStore): one item per (message id, handler key) in the
+//! inbox table, inserted with a condition so the first insert wins.
 
-use std::time::Duration;
-
-use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemOutput;
 use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
 use aws_sdk_dynamodb::operation::scan::ScanOutput;
 use aws_sdk_dynamodb::types::{Put, ReturnConsumedCapacity};
 use futures::{StreamExt, stream};
 use outbox_core::rules::check_inbox_entry;
-use outbox_core::{
-    InboxEntry, InboxStore, InsertOutcome, Result, TransactionalStore, inbox_expiry,
-};
+use outbox_core::{InboxEntry, InsertOutcome, Result, inbox_expiry};
 
 use crate::codec::{self, EXPIRES, Item, PK, SK, TTL, get_n, n, s};
+use crate::core::{Core, PARALLEL};
 use crate::meter::{Units, read_units, write_units};
 use crate::request::{Meta, build_err, send, send_conditional};
-use crate::store::{DynamoDbStore, PARALLEL};
-use crate::uow::DynamoDbTx;
 
-impl DynamoDbStore {
+impl Core {
     /// The conditional Put of an inbox entry: absent, or present but expired.
     pub(crate) fn inbox_put(&self, entry: &InboxEntry) -> Result<Put> {
         check_inbox_entry(entry)?;
-        let now = self.inner.config.clock.now();
-        let expires = inbox_expiry(now, self.inner.config.inbox_retention);
+        let now = self.config.clock.now();
+        let expires = inbox_expiry(now, self.config.inbox_retention);
         Put::builder()
-            .table_name(&self.inner.inbox)
+            .table_name(&self.inbox)
             .item(PK, s(entry.message_id.to_string()))
             .item(SK, s(&entry.handler_key))
             .item(EXPIRES, codec::micros(expires))
@@ -41,16 +36,15 @@ impl DynamoDbStore {
     }
 }
 
-#[async_trait]
-impl InboxStore for DynamoDbStore {
-    async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
+/// `InboxStore` for [`DynamoDbStore`](crate::DynamoDbStore).
+impl Core {
+    pub(crate) async fn inbox_insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
         let p = self.inbox_put(entry)?;
         let units = Units::write(write_units(codec::item_size(p.item())));
         let out = send_conditional(
-            &self.inner.meter,
+            &self.meter,
             "inbox_insert",
-            self.inner
-                .client
+            self.client
                 .put_item()
                 .table_name(p.table_name())
                 .set_item(Some(p.item().clone()))
@@ -69,15 +63,14 @@ impl InboxStore for DynamoDbStore {
         })
     }
 
-    async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
+    pub(crate) async fn inbox_contains(&self, entry: &InboxEntry) -> Result<bool> {
         check_inbox_entry(entry)?;
         let out: GetItemOutput = send(
-            &self.inner.meter,
+            &self.meter,
             Meta::read("inbox_contains"),
-            self.inner
-                .client
+            self.client
                 .get_item()
-                .table_name(&self.inner.inbox)
+                .table_name(&self.inbox)
                 .key(PK, s(entry.message_id.to_string()))
                 .key(SK, s(&entry.handler_key))
                 .consistent_read(true)
@@ -86,40 +79,28 @@ impl InboxStore for DynamoDbStore {
             |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
         )
         .await?;
-        let now = self.inner.config.clock.now().timestamp_micros();
+        let now = self.config.clock.now().timestamp_micros();
         match out.item() {
             None => Ok(false),
             Some(item) => Ok(get_n::<i64>(item, EXPIRES)?.is_some_and(|ex| now < ex)),
         }
     }
 
-    fn retention(&self) -> Duration {
-        self.inner.config.inbox_retention
-    }
-
-    /// Scans the inbox table for entries expired by this store's clock and deletes up to
-    /// `limit` of them, each with a conditional `DeleteItem` (still expired), so an entry
-    /// inserted again meanwhile stays and concurrent purges never count one entry twice.
-    ///
-    /// DynamoDB's TTL deletes expired entries for free (within days of expiry), and expired
-    /// entries already count as absent, so this is optional on AWS. Its cost: the scan
-    /// reads the table from the start on every call (0.5 RCU per 4 KiB read, eventually
-    /// consistent), plus 1 WCU per deleted entry.
-    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+    /// The body of `InboxStore::purge_expired` (see there).
+    pub(crate) async fn inbox_purge_expired(&self, limit: usize) -> Result<u64> {
         if limit == 0 {
             return Ok(0);
         }
-        let now = codec::micros(self.inner.config.clock.now());
+        let now = codec::micros(self.config.clock.now());
         let mut doomed: Vec<Item> = Vec::new();
         let mut start: Option<Item> = None;
         while doomed.len() < limit {
             let out: ScanOutput = send(
-                &self.inner.meter,
+                &self.meter,
                 Meta::read("inbox_purge_expired"),
-                self.inner
-                    .client
+                self.client
                     .scan()
-                    .table_name(&self.inner.inbox)
+                    .table_name(&self.inbox)
                     .filter_expression("#ex <= :now")
                     .projection_expression("#pk, #sk")
                     .expression_attribute_names("#ex", EXPIRES)
@@ -143,12 +124,11 @@ impl InboxStore for DynamoDbStore {
         let deletes = doomed.into_iter().map(|key| {
             let units = Units::write(write_units(codec::item_size(&key)));
             send_conditional(
-                &self.inner.meter,
+                &self.meter,
                 "inbox_purge_expired",
-                self.inner
-                    .client
+                self.client
                     .delete_item()
-                    .table_name(&self.inner.inbox)
+                    .table_name(&self.inbox)
                     .set_key(Some(key))
                     .condition_expression("#ex <= :now")
                     .expression_attribute_names("#ex", EXPIRES)
@@ -169,14 +149,5 @@ impl InboxStore for DynamoDbStore {
             }
         }
         Ok(purged)
-    }
-}
-
-#[async_trait]
-impl TransactionalStore for DynamoDbStore {
-    type Tx = DynamoDbTx;
-
-    async fn begin(&self) -> Result<DynamoDbTx> {
-        Ok(self.unit_of_work())
     }
 }

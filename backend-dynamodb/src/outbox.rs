@@ -1,10 +1,11 @@
-//! `OutboxStore` for [`DynamoDbStore`]: adds go through the unit of work ([`crate::uow`]),
-//! reads of the queues through [`crate::queue`].
+//! The outbox operations of a [`Core`] behind `OutboxStore` for
+//! [`DynamoDbStore`](crate::DynamoDbStore) (adds go through the unit of work, `uow`): reads
+//! of single messages, marks, requeue, stats, purge and list; reads of the queues go through
+//! `queue`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
 use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
 use aws_sdk_dynamodb::operation::scan::ScanOutput;
@@ -14,26 +15,25 @@ use aws_sdk_dynamodb::types::{
 };
 use futures::{StreamExt, TryStreamExt};
 use outbox_core::{
-    Capabilities, Error, ErrorKind, FailedAttempt, FailureOutcome, ListQuery, Message, MessageId,
-    MessageStatus, OutboxStats, OutboxStore, PendingQuery, RequeueFilter, Result, StoredMessage,
-    add_duration,
+    Error, ErrorKind, FailedAttempt, FailureOutcome, ListQuery, MessageId, MessageStatus,
+    OutboxStats, PendingQuery, RequeueFilter, Result, StoredMessage, add_duration,
 };
 
 use crate::codec::{
     self, ATTEMPTS, DISPATCHED_AT, ID, Item, LAST_ERROR, META_SLOT, NEXT_ATTEMPT, PK, QUEUE_PREFIX,
     SK, STATUS, TOPIC, TTL, get_n, get_s, n, s,
 };
+use crate::core::{BATCH_ATTEMPTS, BATCH_WRITE_LIMIT, Core, PARALLEL};
 use crate::meter::{Units, read_units, write_units};
 use crate::queue::{Entry, classify, slot_of};
 use crate::request::{Meta, build_err, send, send_conditional};
-use crate::store::{BATCH_ATTEMPTS, BATCH_WRITE_LIMIT, DynamoDbStore, MAX_MESSAGE_SIZE, PARALLEL};
 
 /// Size added to a queue item by `mark_dispatched` (`dd`, `ttl`, the longer status).
 const DISPATCH_GROWTH: usize = 2 + 9 + 3 + 6 + 4;
 /// How long a wake-up item of `requeue` is kept (its TTL; DynamoDB deletes it some time after).
 const WAKE_TTL: Duration = Duration::from_secs(3600);
 
-impl DynamoDbStore {
+impl Core {
     /// The queue item of message `id` at `(shard, slot)`, strongly consistent; `None` if the
     /// slot holds another message (a stale location) or nothing.
     async fn queue_item(
@@ -43,12 +43,11 @@ impl DynamoDbStore {
         op: &'static str,
     ) -> Result<Option<Item>> {
         let out: GetItemOutput = send(
-            &self.inner.meter,
+            &self.meter,
             Meta::read(op),
-            self.inner
-                .client
+            self.client
                 .get_item()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .set_key(Some(codec::queue_key(at.0, at.1)))
                 .consistent_read(true)
                 .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
@@ -70,7 +69,7 @@ impl DynamoDbStore {
             return Ok(self.queue_item(id, at, op).await?.map(|i| (at.0, at.1, i)));
         }
         let id_s = id.to_string();
-        for shard in 0..self.inner.config.shard_count {
+        for shard in 0..self.config.shard_count {
             for (slot, entry) in self.read_open(shard, op).await? {
                 let hit = match &entry {
                     Entry::Message(m) => m.message.id == *id,
@@ -91,12 +90,11 @@ impl DynamoDbStore {
     /// Return one parked message to pending.
     async fn requeue_at(&self, id: &MessageId, shard: u32, slot: u64) -> Result<bool> {
         Ok(send_conditional(
-            &self.inner.meter,
+            &self.meter,
             "requeue",
-            self.inner
-                .client
+            self.client
                 .update_item()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .set_key(Some(codec::queue_key(shard, slot)))
                 .update_expression("SET #st = :pending, #at = :zero REMOVE #na")
                 .condition_expression("#i = :id AND #st = :parked")
@@ -120,19 +118,18 @@ impl DynamoDbStore {
     /// (`StreamListener`, the Lambda handler) look at them now, not at their next poll. A
     /// failure is only logged: the requeue is done, and polling finds the messages.
     async fn wake_stream(&self, shards: &BTreeSet<u32>) {
-        let now = self.inner.config.clock.now();
+        let now = self.config.clock.now();
         let ttl = add_duration(now, WAKE_TTL).timestamp();
         let results: Vec<Result<()>> = futures::stream::iter(shards.iter().copied())
             .map(|shard| async move {
                 let req = self
-                    .inner
                     .client
                     .put_item()
-                    .table_name(&self.inner.outbox)
+                    .table_name(&self.outbox)
                     .set_item(Some(codec::wake_item(shard, now, ttl)))
                     .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
                     .send();
-                send(&self.inner.meter, Meta::write("requeue_wake"), req, |_| {
+                send(&self.meter, Meta::write("requeue_wake"), req, |_| {
                     Units::write(1.0)
                 })
                 .await
@@ -164,12 +161,11 @@ impl DynamoDbStore {
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let out: ScanOutput = send(
-                &self.inner.meter,
+                &self.meter,
                 Meta::read(op),
-                self.inner
-                    .client
+                self.client
                     .scan()
-                    .table_name(&self.inner.outbox)
+                    .table_name(&self.outbox)
                     .consistent_read(true)
                     .filter_expression(&expr)
                     .set_expression_attribute_names(Some(names.clone()))
@@ -218,21 +214,17 @@ impl DynamoDbStore {
                 attempt += 1;
                 let sent = pending.len();
                 let out: BatchWriteItemOutput = send(
-                    &self.inner.meter,
+                    &self.meter,
                     Meta::write("purge_dispatched"),
-                    self.inner
-                        .client
+                    self.client
                         .batch_write_item()
-                        .request_items(&self.inner.outbox, std::mem::take(&mut pending))
+                        .request_items(&self.outbox, std::mem::take(&mut pending))
                         .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
                         .send(),
                     |_| Units::write(sent as f64),
                 )
                 .await?;
-                if let Some(un) = out
-                    .unprocessed_items()
-                    .and_then(|u| u.get(&self.inner.outbox))
-                {
+                if let Some(un) = out.unprocessed_items().and_then(|u| u.get(&self.outbox)) {
                     pending = un.to_vec();
                 }
                 deleted += (sent - pending.len()) as u64;
@@ -242,66 +234,27 @@ impl DynamoDbStore {
     }
 }
 
-#[async_trait]
-impl OutboxStore for DynamoDbStore {
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::full()
-            .with_max_message_size(Some(MAX_MESSAGE_SIZE))
-            .with_max_batch(Some(self.inner.config.max_batch()))
-            .with_inbox_duplicate_at_insert(false)
-            .with_duplicate_id_at_add(false)
-    }
-
-    fn shard_count(&self) -> u32 {
-        self.inner.config.shard_count
-    }
-
-    async fn add(&self, message: &Message) -> Result<()> {
-        let mut uow = self.unit_of_work();
-        uow.stage(std::slice::from_ref(message))?;
-        uow.commit_inner().await.map(|_| ())
-    }
-
-    async fn add_batch(&self, messages: &[Message]) -> Result<()> {
-        let limit = self.inner.config.max_batch();
-        if messages.len() > limit {
-            return Err(Error::new(
-                ErrorKind::LimitExceeded {
-                    count: messages.len(),
-                    limit,
-                },
-                format!(
-                    "add_batch takes at most {limit} messages (DynamoDB's 100 actions per transaction; each message is its queue item and its id guard); got {}",
-                    messages.len()
-                ),
-            ));
-        }
-        if messages.is_empty() {
-            return Ok(());
-        }
-        let mut uow = self.unit_of_work();
-        uow.stage(messages)?;
-        uow.commit_inner().await.map(|_| ())
-    }
-
-    async fn get(&self, id: MessageId) -> Result<Option<StoredMessage>> {
+/// The `OutboxStore` operations other than adds (which go through the unit of work), called
+/// by the trait implementation on [`DynamoDbStore`](crate::DynamoDbStore).
+impl Core {
+    pub(crate) async fn get(&self, id: MessageId) -> Result<Option<StoredMessage>> {
         self.ensure_open().await?;
         Ok(self.find(&id, "get").await?.map(|(shard, slot, item)| {
-            classify(shard, slot, &item).to_stored(self.inner.config.shard_count)
+            classify(shard, slot, &item).to_stored(self.config.shard_count)
         }))
     }
 
-    async fn fetch_pending(&self, query: &PendingQuery) -> Result<Vec<StoredMessage>> {
+    pub(crate) async fn fetch_pending(&self, query: &PendingQuery) -> Result<Vec<StoredMessage>> {
         if query.limit == 0 || query.shards.is_empty() {
             return Ok(Vec::new());
         }
         self.ensure_open().await?;
-        let now = self.inner.config.clock.now();
+        let now = self.config.clock.now();
         let shards: Vec<u32> = query
             .shards
             .iter()
             .copied()
-            .filter(|s| *s < self.inner.config.shard_count)
+            .filter(|s| *s < self.config.shard_count)
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -317,13 +270,13 @@ impl OutboxStore for DynamoDbStore {
         Ok(all)
     }
 
-    async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
+    pub(crate) async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         self.ensure_open().await?;
-        let now = self.inner.config.clock.now();
-        let ttl = add_duration(now, self.inner.config.dispatched_ttl).timestamp();
+        let now = self.config.clock.now();
+        let ttl = add_duration(now, self.config.dispatched_ttl).timestamp();
         let unique: Vec<MessageId> = ids
             .iter()
             .copied()
@@ -337,10 +290,9 @@ impl OutboxStore for DynamoDbStore {
                     return Ok(());
                 };
                 let req = self
-                    .inner
                     .client
                     .update_item()
-                    .table_name(&self.inner.outbox)
+                    .table_name(&self.outbox)
                     .set_key(Some(codec::queue_key(shard, slot)))
                     .update_expression("SET #st = :d, #dd = :now, #ttl = :ttl REMOVE #na")
                     .condition_expression("#i = :id AND #st <> :d")
@@ -356,7 +308,7 @@ impl OutboxStore for DynamoDbStore {
                     .return_values(ReturnValue::AllOld)
                     .return_consumed_capacity(ReturnConsumedCapacity::Indexes);
                 let out = crate::request::metered(
-                    &self.inner.meter,
+                    &self.meter,
                     Meta::write("mark_dispatched"),
                     req.send(),
                     |o: &UpdateItemOutput| {
@@ -382,7 +334,11 @@ impl OutboxStore for DynamoDbStore {
         Ok(())
     }
 
-    async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
+    pub(crate) async fn mark_failed(
+        &self,
+        id: MessageId,
+        attempt: &FailedAttempt,
+    ) -> Result<FailureOutcome> {
         self.ensure_open().await?;
         let error = outbox_core::rules::error_text(&attempt.error);
         for _ in 0..16 {
@@ -400,10 +356,9 @@ impl OutboxStore for DynamoDbStore {
             let park = attempts >= attempt.max_attempts;
             let next = outbox_core::truncate_micros(attempt.next_attempt_at);
             let mut req = self
-                .inner
                 .client
                 .update_item()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .set_key(Some(codec::queue_key(shard, slot)))
                 .condition_expression(
                     "#i = :id AND #st = :pending AND (attribute_not_exists(#at) OR #at = :old)",
@@ -428,7 +383,7 @@ impl OutboxStore for DynamoDbStore {
                     .expression_attribute_values(":na", codec::micros(next))
             };
             let units = Units::write(write_units(codec::item_size(&item) + error.len() + 16));
-            if send_conditional(&self.inner.meter, "mark_failed", req.send(), units)
+            if send_conditional(&self.meter, "mark_failed", req.send(), units)
                 .await?
                 .is_some()
             {
@@ -448,7 +403,7 @@ impl OutboxStore for DynamoDbStore {
         )))
     }
 
-    async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
+    pub(crate) async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
         self.ensure_open().await?;
         let targets: Vec<(MessageId, u32, u64)> = match filter {
             RequeueFilter::Ids(ids) => {
@@ -467,7 +422,7 @@ impl OutboxStore for DynamoDbStore {
                     _ => None,
                 };
                 let per_shard: Vec<Vec<(u64, Entry)>> =
-                    futures::stream::iter(0..self.inner.config.shard_count)
+                    futures::stream::iter(0..self.config.shard_count)
                         .map(|shard| self.read_open(shard, "requeue"))
                         .buffer_unordered(PARALLEL)
                         .try_collect()
@@ -499,15 +454,14 @@ impl OutboxStore for DynamoDbStore {
         Ok(done.iter().flatten().count() as u64)
     }
 
-    async fn stats(&self) -> Result<OutboxStats> {
+    pub(crate) async fn stats(&self) -> Result<OutboxStats> {
         self.ensure_open().await?;
-        let now = self.inner.config.clock.now();
-        let per_shard: Vec<Vec<(u64, Entry)>> =
-            futures::stream::iter(0..self.inner.config.shard_count)
-                .map(|shard| self.read_open(shard, "stats"))
-                .buffer_unordered(PARALLEL)
-                .try_collect()
-                .await?;
+        let now = self.config.clock.now();
+        let per_shard: Vec<Vec<(u64, Entry)>> = futures::stream::iter(0..self.config.shard_count)
+            .map(|shard| self.read_open(shard, "stats"))
+            .buffer_unordered(PARALLEL)
+            .try_collect()
+            .await?;
         let mut stats = OutboxStats::default();
         let mut oldest: Option<outbox_core::DateTime<outbox_core::Utc>> = None;
         for (_, entry) in per_shard.into_iter().flatten() {
@@ -532,12 +486,12 @@ impl OutboxStore for DynamoDbStore {
         Ok(stats)
     }
 
-    async fn purge_dispatched(&self, retention: Duration, limit: usize) -> Result<u64> {
+    pub(crate) async fn purge_dispatched(&self, retention: Duration, limit: usize) -> Result<u64> {
         if limit == 0 {
             return Ok(0);
         }
         self.ensure_open().await?;
-        let now = self.inner.config.clock.now();
+        let now = self.config.clock.now();
         let Some(cutoff) = chrono::Duration::from_std(retention)
             .ok()
             .and_then(|r| now.checked_sub_signed(r))
@@ -593,7 +547,7 @@ impl OutboxStore for DynamoDbStore {
         Ok(purged as u64)
     }
 
-    async fn list(&self, query: &ListQuery) -> Result<Vec<StoredMessage>> {
+    pub(crate) async fn list(&self, query: &ListQuery) -> Result<Vec<StoredMessage>> {
         self.ensure_open().await?;
         let limit = if query.limit == 0 { 100 } else { query.limit };
         let mut filter = String::new();
@@ -605,7 +559,7 @@ impl OutboxStore for DynamoDbStore {
             values.insert(":t".to_owned(), s(t));
         }
         let items = self.scan_queue(&filter, names, values, "list").await?;
-        let shard_count = self.inner.config.shard_count;
+        let shard_count = self.config.shard_count;
         let mut all = Vec::with_capacity(items.len());
         for item in &items {
             let Some(shard) = get_s(item, PK).and_then(codec::shard_of_pk) else {

@@ -8,7 +8,7 @@
 //! at or below the cursor). Dispatched messages stay in place until TTL deletes them, so a
 //! slot is never reused.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use aws_sdk_dynamodb::operation::batch_get_item::BatchGetItemOutput;
@@ -24,35 +24,9 @@ use crate::codec::{
     self, CURSOR, CURSOR_SEQ, HIGH_WATER, HIGH_WATER_SEQ, HOLES, ID, Item, KEY, LAST_ERROR,
     META_SLOT, PK, POISON, SEQ, SK, STATUS, get_n, get_s, n, s,
 };
+use crate::core::{BATCH_ATTEMPTS, BATCH_GET_LIMIT, Core, Known, ShardState};
 use crate::meter::{Units, read_units, write_units};
 use crate::request::{Meta, build_err, send, send_conditional};
-use crate::store::{BATCH_ATTEMPTS, BATCH_GET_LIMIT, DynamoDbStore};
-
-/// What this store knows about one slot from its last read (or its own `mark_dispatched`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Known {
-    /// Dispatched: final.
-    Done,
-    /// Parked (or an undecodable item, parked): a hole once the cursor passes it.
-    Parked,
-    /// Pending.
-    Open,
-}
-
-/// Per-shard state kept by a store instance.
-#[derive(Debug, Default)]
-pub(crate) struct ShardState {
-    /// The meta item was read (or written) by this store.
-    loaded: bool,
-    cursor: u64,
-    cursor_seq: u64,
-    holes: BTreeSet<u64>,
-    /// Slots above the cursor whose state this store saw or caused.
-    known: BTreeMap<u64, Known>,
-    /// What was last written to (or read from) the meta item.
-    persisted: (u64, BTreeSet<u64>),
-    last_persist: Option<Instant>,
-}
 
 impl ShardState {
     /// Take the meta item's view if it is ahead (another relay moved the cursor).
@@ -282,17 +256,56 @@ fn query_units(o: &QueryOutput) -> Units {
     Units::read(read_units(o.items().iter().map(codec::item_size).sum()))
 }
 
-impl DynamoDbStore {
+impl Core {
+    /// Where a message is: from memory, else from its id guard (strongly consistent).
+    pub(crate) async fn locate(
+        &self,
+        id: &MessageId,
+        op: &'static str,
+    ) -> Result<Option<(u32, u64)>> {
+        let known = self.located(id);
+        if known.is_some() {
+            return Ok(known);
+        }
+        let out: GetItemOutput = send(
+            &self.meter,
+            Meta::read(op),
+            self.client
+                .get_item()
+                .table_name(&self.outbox)
+                .set_key(Some(codec::guard_key(id)))
+                .consistent_read(true)
+                .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
+                .send(),
+            |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
+        )
+        .await?;
+        let Some(item) = out.item() else {
+            return Ok(None);
+        };
+        match (
+            get_n::<u32>(item, codec::SHARD)?,
+            get_n::<u64>(item, codec::SLOT)?,
+        ) {
+            (Some(shard), Some(slot)) => {
+                self.remember(*id, shard, slot);
+                Ok(Some((shard, slot)))
+            }
+            _ => Err(Error::unexpected(format!(
+                "the id guard of message {id} has no shard or slot"
+            ))),
+        }
+    }
+
     /// Strongly consistent read of where shard `shard`'s queue ends: one `Query` of the two
     /// highest sort keys (the meta item and the last message).
     pub(crate) async fn read_tail(&self, shard: u32, op: &'static str) -> Result<Tail> {
         let out = send(
-            &self.inner.meter,
+            &self.meter,
             Meta::read(op),
-            self.inner
-                .client
+            self.client
                 .query()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .key_condition_expression("#pk = :pk")
                 .expression_attribute_names("#pk", PK)
                 .expression_attribute_values(":pk", s(codec::queue_pk(shard)))
@@ -322,12 +335,11 @@ impl DynamoDbStore {
     /// Strongly consistent read of a shard's meta item.
     pub(crate) async fn read_meta(&self, shard: u32, op: &'static str) -> Result<ShardMeta> {
         let out: GetItemOutput = send(
-            &self.inner.meter,
+            &self.meter,
             Meta::read(op),
-            self.inner
-                .client
+            self.client
                 .get_item()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .set_key(Some(codec::queue_key(shard, META_SLOT)))
                 .consistent_read(true)
                 .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
@@ -359,14 +371,13 @@ impl DynamoDbStore {
                     .consistent_read(true)
                     .build()
                     .map_err(build_err)?;
-                let table = self.inner.outbox.clone();
+                let table = self.outbox.clone();
                 let out: BatchGetItemOutput = send(
-                    &self.inner.meter,
+                    &self.meter,
                     Meta::read(op),
-                    self.inner
-                        .client
+                    self.client
                         .batch_get_item()
-                        .request_items(&self.inner.outbox, ka)
+                        .request_items(&self.outbox, ka)
                         .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
                         .send(),
                     |o: &BatchGetItemOutput| {
@@ -378,13 +389,10 @@ impl DynamoDbStore {
                     },
                 )
                 .await?;
-                if let Some(items) = out.responses().and_then(|r| r.get(&self.inner.outbox)) {
+                if let Some(items) = out.responses().and_then(|r| r.get(&self.outbox)) {
                     found.extend(items.iter().cloned());
                 }
-                if let Some(un) = out
-                    .unprocessed_keys()
-                    .and_then(|u| u.get(&self.inner.outbox))
-                {
+                if let Some(un) = out.unprocessed_keys().and_then(|u| u.get(&self.outbox)) {
                     pending = un.keys().to_vec();
                 }
             }
@@ -412,12 +420,11 @@ impl DynamoDbStore {
         let mut start: Option<HashMap<String, AttributeValue>> = None;
         loop {
             let out = send(
-                &self.inner.meter,
+                &self.meter,
                 Meta::read(op),
-                self.inner
-                    .client
+                self.client
                     .query()
-                    .table_name(&self.inner.outbox)
+                    .table_name(&self.outbox)
                     .key_condition_expression("#pk = :pk AND #sk > :after")
                     .expression_attribute_names("#pk", PK)
                     .expression_attribute_names("#sk", SK)
@@ -445,12 +452,11 @@ impl DynamoDbStore {
     /// Park an undecodable item with its reason (once), and count it.
     async fn park_poison(&self, p: &Poison) -> Result<()> {
         let out: Option<UpdateItemOutput> = send_conditional(
-            &self.inner.meter,
+            &self.meter,
             "poison",
-            self.inner
-                .client
+            self.client
                 .update_item()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .set_key(Some(codec::queue_key(p.shard, p.slot)))
                 .update_expression("SET #st = :parked, #le = :le, #pz = :t")
                 .condition_expression("attribute_exists(#pk) AND attribute_not_exists(#pz)")
@@ -467,8 +473,7 @@ impl DynamoDbStore {
         )
         .await?;
         if out.is_some() {
-            self.inner
-                .poisoned
+            self.poisoned
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(shard = p.shard, slot = p.slot, reason = %p.reason, "outbox: parked an undecodable queue item");
         }
@@ -525,7 +530,7 @@ impl DynamoDbStore {
 
     /// Record that this store dispatched the message at `(shard, slot)`.
     pub(crate) fn note_dispatched(&self, shard: u32, slot: u64) {
-        let mut shards = self.inner.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         let st = shards.entry(shard).or_default();
         if slot > st.cursor {
             st.known.insert(slot, Known::Done);
@@ -542,18 +547,18 @@ impl DynamoDbStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<(u64, StoredMessage)>> {
         let loaded = {
-            let shards = self.inner.shards.lock().unwrap_or_else(|p| p.into_inner());
+            let shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
             shards.get(&shard).is_some_and(|s| s.loaded)
         };
         if !loaded {
             let meta = self.read_meta(shard, "fetch_pending").await?;
-            let mut shards = self.inner.shards.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
             let st = shards.entry(shard).or_default();
             st.merge(&meta);
             st.advance();
         }
         let (cursor, holes) = {
-            let mut shards = self.inner.shards.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
             let st = shards.entry(shard).or_default();
             st.advance();
             (st.cursor, st.holes.clone())
@@ -634,7 +639,7 @@ impl DynamoDbStore {
             self.remember(m.message.id, shard, *slot);
         }
         let persist = {
-            let mut shards = self.inner.shards.lock().unwrap_or_else(|p| p.into_inner());
+            let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
             let st = shards.entry(shard).or_default();
             if let Some(meta) = &meta {
                 st.merge(meta);
@@ -668,7 +673,7 @@ impl DynamoDbStore {
             let changed = (st.cursor, &st.holes) != (st.persisted.0, &st.persisted.1);
             let due = st
                 .last_persist
-                .is_none_or(|t| t.elapsed() >= self.inner.config.cursor_persist_interval);
+                .is_none_or(|t| t.elapsed() >= self.config.cursor_persist_interval);
             (changed && due).then(|| (st.cursor, st.cursor_seq, st.holes.clone()))
         };
         if let Some((c, cq, holes)) = persist {
@@ -681,12 +686,11 @@ impl DynamoDbStore {
     /// item there is deleted, so that writers never take that slot again.
     pub(crate) async fn raise_high_water(&self, shard: u32, slot: u64, seq: u64) -> Result<()> {
         send_conditional(
-            &self.inner.meter,
+            &self.meter,
             "purge_dispatched",
-            self.inner
-                .client
+            self.client
                 .update_item()
-                .table_name(&self.inner.outbox)
+                .table_name(&self.outbox)
                 .set_key(Some(codec::queue_key(shard, META_SLOT)))
                 .update_expression("SET #hw = :hw, #hq = :hq")
                 .condition_expression("attribute_not_exists(#hw) OR #hw < :hw")
@@ -705,10 +709,9 @@ impl DynamoDbStore {
     /// Write a shard's cursor and holes, if no other store moved the cursor further.
     async fn persist_meta(&self, shard: u32, c: u64, cq: u64, holes: &BTreeSet<u64>) -> Result<()> {
         let mut req = self
-            .inner
             .client
             .update_item()
-            .table_name(&self.inner.outbox)
+            .table_name(&self.outbox)
             .set_key(Some(codec::queue_key(shard, META_SLOT)))
             .condition_expression("attribute_not_exists(#c) OR #c <= :c")
             .expression_attribute_names("#c", CURSOR)
@@ -727,14 +730,14 @@ impl DynamoDbStore {
                 )
         };
         let applied = send_conditional(
-            &self.inner.meter,
+            &self.meter,
             "cursor",
             req.send(),
             Units::write(write_units(64 + holes.len() * 12)),
         )
         .await?
         .is_some();
-        let mut shards = self.inner.shards.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
         let st = shards.entry(shard).or_default();
         st.last_persist = Some(Instant::now());
         if applied {

@@ -1,20 +1,24 @@
 //! Table creation (idempotent, waits until active, enables the outbox stream and TTL),
-//! verification of existing tables, and deletion.
+//! verification of existing tables, deletion, and the check (once per store) of the shard
+//! count a table records.
 
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
+use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-    StreamSpecification, StreamViewType, TableDescription, TableStatus, TimeToLiveSpecification,
-    TimeToLiveStatus,
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ReturnConsumedCapacity,
+    ScalarAttributeType, StreamSpecification, StreamViewType, TableDescription, TableStatus,
+    TimeToLiveSpecification, TimeToLiveStatus,
 };
 use outbox_core::{Error, Result};
 
-use crate::codec::{PK, SK, TTL};
+use crate::codec::{self, PK, SHARD_COUNT, SK, TTL, get_n};
+use crate::core::Core;
 use crate::error::parse_error;
-use crate::request::build_err;
+use crate::meter::{Units, write_units};
+use crate::request::{Meta, build_err, send, send_conditional};
 
 /// The stream view the outbox table's stream uses: keys are enough to name the shard.
 pub const STREAM_VIEW: StreamViewType = StreamViewType::KeysOnly;
@@ -270,4 +274,70 @@ pub(crate) async fn delete_tables(client: &Client, tables: &[&str]) -> Result<()
         }
     }
     Ok(())
+}
+
+impl Core {
+    /// Check (once per store) that the table records this store's shard count; record it if
+    /// the table has none yet (tables created by your own infrastructure-as-code).
+    pub(crate) async fn ensure_open(&self) -> Result<()> {
+        self.opened
+            .get_or_try_init(|| self.check_shard_count())
+            .await
+            .map(|_| ())
+    }
+
+    async fn check_shard_count(&self) -> Result<()> {
+        let want = self.config.shard_count;
+        for _ in 0..2 {
+            let out: GetItemOutput = send(
+                &self.meter,
+                Meta::read("open"),
+                self.client
+                    .get_item()
+                    .table_name(&self.outbox)
+                    .set_key(Some(codec::table_meta_key()))
+                    .consistent_read(true)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
+                    .send(),
+                |_| Units::read(1.0),
+            )
+            .await?;
+            if let Some(item) = out.item() {
+                let have: Option<u32> = get_n(item, SHARD_COUNT)?;
+                return match have {
+                    Some(have) if have == want => Ok(()),
+                    Some(have) => Err(Error::config(format!(
+                        "table {} was created with shard_count {have}, but this store is configured with shard_count {want}; every writer and relay of a table must use the table's shard count (messages would otherwise go to shards no relay reads)",
+                        self.outbox
+                    ))),
+                    None => Err(Error::config(format!(
+                        "table {} has a meta item without a shard count; it was not created by this library",
+                        self.outbox
+                    ))),
+                };
+            }
+            let mut item = codec::table_meta_key();
+            item.insert(SHARD_COUNT.into(), codec::n(want));
+            item.insert("v".into(), codec::n(2));
+            let size = codec::item_size(&item);
+            send_conditional(
+                &self.meter,
+                "open",
+                self.client
+                    .put_item()
+                    .table_name(&self.outbox)
+                    .set_item(Some(item))
+                    .condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", codec::PK)
+                    .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
+                    .send(),
+                Units::write(write_units(size)),
+            )
+            .await?;
+        }
+        Err(Error::unavailable(format!(
+            "could not read the meta item of table {} after recording it; retry",
+            self.outbox
+        )))
+    }
 }

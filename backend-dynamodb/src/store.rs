@@ -1,37 +1,29 @@
-//! [`DynamoDbStore`]: the client, configuration and per-process state shared by the outbox
-//! ([`crate::outbox`]), the inbox ([`crate::inbox`]) and the unit of work ([`crate::uow`]).
+//! [`DynamoDbStore`]: the public store type on a shared [`Core`], with its `OutboxStore`,
+//! `InboxStore` and `TransactionalStore` implementations. The operations themselves live in
+//! `outbox` and `queue` (outbox), `inbox` and `uow` (unit of work); this module wires them up.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::Ordering as AtomicOrdering;
+use std::time::Duration;
 
+use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
-use aws_sdk_dynamodb::types::{AttributeValue, ReturnConsumedCapacity};
-use outbox_core::{Error, ErrorKind, Message, MessageId, Result, shard_for};
+use aws_sdk_dynamodb::types::AttributeValue;
+use outbox_core::{
+    Capabilities, Error, ErrorKind, FailedAttempt, FailureOutcome, InboxEntry, InboxStore,
+    InsertOutcome, ListQuery, Message, MessageId, OutboxStats, OutboxStore, PendingQuery,
+    RequeueFilter, Result, StoredMessage, TransactionalStore,
+};
 
-use crate::codec::{self, ITEM_HEADROOM, MAX_ITEM_SIZE, MAX_SLOT, SHARD_COUNT, get_n};
+use crate::codec::{self, MAX_MESSAGE_SIZE, MAX_SLOT};
 use crate::config::DynamoDbConfig;
+use crate::core::Core;
 use crate::lock::DynamoDbLock;
-use crate::meter::{CostMeter, Units, read_units, write_units};
-use crate::queue::ShardState;
-use crate::request::{Meta, send, send_conditional};
+use crate::meter::CostMeter;
+use crate::schema;
+use crate::stream::StreamListener;
 use crate::uow::DynamoDbTx;
-
-/// Largest message accepted, measured as the DynamoDB item it becomes.
-pub const MAX_MESSAGE_SIZE: usize = MAX_ITEM_SIZE - ITEM_HEADROOM;
-/// Items per `BatchWriteItem` (DynamoDB's limit; enforced here because some emulators accept more).
-pub const BATCH_WRITE_LIMIT: usize = 25;
-/// Keys per `BatchGetItem`.
-pub const BATCH_GET_LIMIT: usize = 100;
-/// Ids whose queue position a store remembers (from its own adds and fetches), so that
-/// `mark_dispatched` and `mark_failed` address the queue item without reading the id guard.
-pub const LOCATOR_CAPACITY: usize = 100_000;
-/// Parallel requests of one store call (per-shard reads, per-id updates).
-pub(crate) const PARALLEL: usize = 8;
-/// Attempts to drain `UnprocessedItems` / `UnprocessedKeys` of batch calls.
-pub(crate) const BATCH_ATTEMPTS: u32 = 10;
 
 /// The outbox, inbox and unit of work on DynamoDB. Cheap to clone (shared state).
 ///
@@ -39,58 +31,16 @@ pub(crate) const BATCH_ATTEMPTS: u32 = 10;
 /// consistency of each read.
 #[derive(Clone)]
 pub struct DynamoDbStore {
-    pub(crate) inner: Arc<Inner>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) client: Client,
-    pub(crate) config: DynamoDbConfig,
-    pub(crate) outbox: String,
-    pub(crate) inbox: String,
-    pub(crate) locks: String,
-    pub(crate) meter: CostMeter,
-    /// Last sequence handed out by this process (hybrid logical clock).
-    hlc: AtomicU64,
-    /// One per shard: commits of this process touching a shard take its lock, so they do not
-    /// race each other for the shard's next slot (only other processes can).
-    shard_locks: Vec<tokio::sync::Mutex<()>>,
-    /// The table's recorded shard count was checked against the configuration.
-    opened: tokio::sync::OnceCell<()>,
-    /// id -> (shard, slot), bounded.
-    locator: Mutex<Locator>,
-    /// Cursor, holes and what this store knows about each shard's queue.
-    pub(crate) shards: Mutex<HashMap<u32, ShardState>>,
-    /// Undecodable queue items this store parked.
-    pub(crate) poisoned: AtomicU64,
-}
-
-/// Bounded id -> (shard, slot) map; the oldest entries go first.
-#[derive(Default)]
-struct Locator {
-    map: HashMap<MessageId, (u32, u64)>,
-    order: VecDeque<MessageId>,
-}
-
-impl Locator {
-    fn insert(&mut self, id: MessageId, at: (u32, u64)) {
-        if self.map.insert(id, at).is_none() {
-            self.order.push_back(id);
-            while self.order.len() > LOCATOR_CAPACITY {
-                if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
-                }
-            }
-        }
-    }
+    core: Arc<Core>,
 }
 
 impl std::fmt::Debug for DynamoDbStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DynamoDbStore")
-            .field("outbox_table", &self.inner.outbox)
-            .field("inbox_table", &self.inner.inbox)
-            .field("lock_table", &self.inner.locks)
-            .field("config", &self.inner.config)
+            .field("outbox_table", &self.core.outbox)
+            .field("inbox_table", &self.core.inbox)
+            .field("lock_table", &self.core.locks)
+            .field("config", &self.core.config)
             .finish()
     }
 }
@@ -113,12 +63,6 @@ pub fn local_client(endpoint: &str) -> Client {
     Client::from_conf(conf)
 }
 
-fn wall_micros() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
-}
-
 impl DynamoDbStore {
     /// A store on `client` with `config`. Does not touch DynamoDB; call
     /// [`migrate`](Self::migrate) once (or create the tables with your own
@@ -129,24 +73,8 @@ impl DynamoDbStore {
     /// `ConfigInvalid` from [`DynamoDbConfig::validate`].
     pub fn new(client: Client, config: DynamoDbConfig) -> Result<Self> {
         config.validate()?;
-        let shard_count = config.shard_count;
         Ok(DynamoDbStore {
-            inner: Arc::new(Inner {
-                client,
-                outbox: config.outbox_table(),
-                inbox: config.inbox_table(),
-                locks: config.lock_table(),
-                config,
-                meter: CostMeter::default(),
-                hlc: AtomicU64::new(0),
-                shard_locks: (0..shard_count)
-                    .map(|_| tokio::sync::Mutex::new(()))
-                    .collect(),
-                opened: tokio::sync::OnceCell::new(),
-                locator: Mutex::new(Locator::default()),
-                shards: Mutex::new(HashMap::new()),
-                poisoned: AtomicU64::new(0),
-            }),
+            core: Arc::new(Core::new(client, config)),
         })
     }
 
@@ -170,21 +98,21 @@ impl DynamoDbStore {
     /// `ConfigInvalid` naming the table and what differs when an existing table does not
     /// match, or when the table records another shard count.
     pub async fn migrate(&self) -> Result<()> {
-        crate::schema::create_tables(
-            &self.inner.client,
-            &self.inner.outbox,
-            &self.inner.inbox,
-            &self.inner.locks,
+        schema::create_tables(
+            &self.core.client,
+            &self.core.outbox,
+            &self.core.inbox,
+            &self.core.locks,
         )
         .await?;
-        self.ensure_open().await
+        self.core.ensure_open().await
     }
 
     /// Delete the three tables (tests and tear-down). Missing tables are fine.
     pub async fn delete_tables(&self) -> Result<()> {
-        crate::schema::delete_tables(
-            &self.inner.client,
-            &[&self.inner.outbox, &self.inner.inbox, &self.inner.locks],
+        schema::delete_tables(
+            &self.core.client,
+            &[&self.core.outbox, &self.core.inbox, &self.core.locks],
         )
         .await
     }
@@ -192,252 +120,182 @@ impl DynamoDbStore {
     /// The distributed lock on this store's lock table, with the store's clock.
     pub fn lock(&self) -> DynamoDbLock {
         DynamoDbLock::new(
-            self.inner.client.clone(),
-            self.inner.locks.clone(),
-            self.inner.config.clock.clone(),
+            self.core.client.clone(),
+            self.core.locks.clone(),
+            self.core.config.clock.clone(),
         )
-        .with_meter(self.inner.meter.clone())
+        .with_meter(self.core.meter.clone())
     }
 
-    /// A new, empty transaction (what [`TransactionalStore::begin`](outbox_core::TransactionalStore::begin)
-    /// returns; `begin` is the public way).
-    pub(crate) fn unit_of_work(&self) -> DynamoDbTx {
-        DynamoDbTx::new(self.clone())
+    /// A new, empty transaction (what [`TransactionalStore::begin`] returns; `begin` is the
+    /// public way).
+    fn unit_of_work(&self) -> DynamoDbTx {
+        DynamoDbTx::new(self.core.clone())
     }
 
     /// The configuration.
     pub fn config(&self) -> &DynamoDbConfig {
-        &self.inner.config
+        &self.core.config
     }
 
     /// The DynamoDB client.
     pub fn client(&self) -> &Client {
-        &self.inner.client
+        &self.core.client
     }
 
     /// Requests and capacity per operation.
     pub fn meter(&self) -> &CostMeter {
-        &self.inner.meter
+        &self.core.meter
     }
 
     /// `(outbox, inbox, locks)` table names.
     pub fn table_names(&self) -> (&str, &str, &str) {
-        (&self.inner.outbox, &self.inner.inbox, &self.inner.locks)
+        (&self.core.outbox, &self.core.inbox, &self.core.locks)
     }
 
     /// Undecodable queue items this store found and parked (each once).
     pub fn poisoned_count(&self) -> u64 {
-        self.inner.poisoned.load(AtomicOrdering::Relaxed)
+        self.core.poisoned.load(AtomicOrdering::Relaxed)
     }
 
     /// The queue item `message` becomes (as a new pending message), for size and cost
     /// estimates: with the widest shard number of this configuration and the widest slot and
     /// sequence, so the size limit does not depend on the shard a key hashes to.
     pub fn message_item(&self, message: &Message) -> HashMap<String, AttributeValue> {
-        let widest = self.inner.config.shard_count.saturating_sub(1);
-        codec::encode_new(message, widest, MAX_SLOT, u64::MAX / 2)
+        self.core.message_item(message)
     }
 
     /// The id guard item of `message` (written beside its queue item), for size estimates.
     pub fn guard_item(&self, message: &Message) -> HashMap<String, AttributeValue> {
-        codec::encode_guard(&message.id, self.shard_of(message), MAX_SLOT, i64::MAX / 2)
-    }
-
-    pub(crate) fn shard_of(&self, message: &Message) -> u32 {
-        shard_for(
-            message.key.as_deref(),
+        codec::encode_guard(
             &message.id,
-            self.inner.config.shard_count,
+            self.core.shard_of(message),
+            MAX_SLOT,
+            i64::MAX / 2,
         )
     }
+}
 
-    /// Lock the given shards (in ascending order, so lockers never deadlock).
-    pub(crate) async fn lock_shards(
-        &self,
-        shards: &std::collections::BTreeSet<u32>,
-    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
-        let mut guards = Vec::with_capacity(shards.len());
-        for s in shards {
-            if let Some(m) = self.inner.shard_locks.get(*s as usize) {
-                guards.push(m.lock().await);
-            }
-        }
-        guards
+impl StreamListener {
+    /// A listener on the stream of `store`'s outbox table (which `migrate` enables).
+    ///
+    /// # Errors
+    /// `ConfigInvalid` if the table has no stream; DynamoDB errors.
+    pub async fn new(
+        store: &DynamoDbStore,
+        client: aws_sdk_dynamodbstreams::Client,
+    ) -> Result<Self> {
+        StreamListener::open(store.client(), store.table_names().0, client).await
+    }
+}
+
+#[async_trait]
+impl OutboxStore for DynamoDbStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::full()
+            .with_max_message_size(Some(MAX_MESSAGE_SIZE))
+            .with_max_batch(Some(self.core.config.max_batch()))
+            .with_inbox_duplicate_at_insert(false)
+            .with_duplicate_id_at_add(false)
     }
 
-    /// Validate a message and return its item size, or `PayloadTooLarge`.
-    pub(crate) fn checked_size(&self, message: &Message) -> Result<usize> {
-        outbox_core::rules::check_message(message)?;
-        let size = codec::item_size(&self.message_item(message));
-        if size > MAX_MESSAGE_SIZE {
+    fn shard_count(&self) -> u32 {
+        self.core.config.shard_count
+    }
+
+    async fn add(&self, message: &Message) -> Result<()> {
+        let mut uow = self.unit_of_work();
+        uow.stage(std::slice::from_ref(message))?;
+        uow.commit_inner().await.map(|_| ())
+    }
+
+    async fn add_batch(&self, messages: &[Message]) -> Result<()> {
+        let limit = self.core.config.max_batch();
+        if messages.len() > limit {
             return Err(Error::new(
-                ErrorKind::PayloadTooLarge {
-                    size,
-                    limit: MAX_MESSAGE_SIZE,
+                ErrorKind::LimitExceeded {
+                    count: messages.len(),
+                    limit,
                 },
                 format!(
-                    "message {} becomes a DynamoDB item of {size} bytes; the limit is {MAX_MESSAGE_SIZE} (400,000-byte item limit minus {ITEM_HEADROOM} bytes for delivery state)",
-                    message.id
+                    "add_batch takes at most {limit} messages (DynamoDB's 100 actions per transaction; each message is its queue item and its id guard); got {}",
+                    messages.len()
                 ),
             ));
         }
-        Ok(size)
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let mut uow = self.unit_of_work();
+        uow.stage(messages)?;
+        uow.commit_inner().await.map(|_| ())
     }
 
-    /// First of `n` sequences: above `floor` (the shards' last sequences) and above every
-    /// sequence this process handed out, and at least the wall clock in microseconds.
+    async fn get(&self, id: MessageId) -> Result<Option<StoredMessage>> {
+        self.core.get(id).await
+    }
+
+    async fn fetch_pending(&self, query: &PendingQuery) -> Result<Vec<StoredMessage>> {
+        self.core.fetch_pending(query).await
+    }
+
+    async fn mark_dispatched(&self, ids: &[MessageId]) -> Result<()> {
+        self.core.mark_dispatched(ids).await
+    }
+
+    async fn mark_failed(&self, id: MessageId, attempt: &FailedAttempt) -> Result<FailureOutcome> {
+        self.core.mark_failed(id, attempt).await
+    }
+
+    async fn requeue(&self, filter: &RequeueFilter) -> Result<u64> {
+        self.core.requeue(filter).await
+    }
+
+    async fn stats(&self) -> Result<OutboxStats> {
+        self.core.stats().await
+    }
+
+    async fn purge_dispatched(&self, retention: Duration, limit: usize) -> Result<u64> {
+        self.core.purge_dispatched(retention, limit).await
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<StoredMessage>> {
+        self.core.list(query).await
+    }
+}
+
+#[async_trait]
+impl InboxStore for DynamoDbStore {
+    async fn insert(&self, entry: &InboxEntry) -> Result<InsertOutcome> {
+        self.core.inbox_insert(entry).await
+    }
+
+    async fn contains(&self, entry: &InboxEntry) -> Result<bool> {
+        self.core.inbox_contains(entry).await
+    }
+
+    fn retention(&self) -> Duration {
+        self.core.config.inbox_retention
+    }
+
+    /// Scans the inbox table for entries expired by this store's clock and deletes up to
+    /// `limit` of them, each with a conditional `DeleteItem` (still expired), so an entry
+    /// inserted again meanwhile stays and concurrent purges never count one entry twice.
     ///
-    /// # Errors
-    /// `Unexpected` if the sequence space is exhausted (a stored sequence near `u64::MAX`).
-    pub(crate) fn next_sequence(&self, floor: u64, n: u64) -> Result<u64> {
-        let exhausted = || {
-            Error::unexpected(format!(
-                "sequence space exhausted: a stored sequence ({floor}) is too close to u64::MAX"
-            ))
-        };
-        let mut last = self.inner.hlc.load(AtomicOrdering::SeqCst);
-        loop {
-            let base = last
-                .checked_add(1)
-                .ok_or_else(exhausted)?
-                .max(floor.checked_add(1).ok_or_else(exhausted)?)
-                .max(wall_micros());
-            let end = base
-                .checked_add(n.saturating_sub(1))
-                .ok_or_else(exhausted)?;
-            match self.inner.hlc.compare_exchange(
-                last,
-                end,
-                AtomicOrdering::SeqCst,
-                AtomicOrdering::SeqCst,
-            ) {
-                Ok(_) => return Ok(base),
-                Err(now) => last = now,
-            }
-        }
+    /// DynamoDB's TTL deletes expired entries for free (within days of expiry), and expired
+    /// entries already count as absent, so this is optional on AWS. Its cost: the scan
+    /// reads the table from the start on every call (0.5 RCU per 4 KiB read, eventually
+    /// consistent), plus 1 WCU per deleted entry.
+    async fn purge_expired(&self, limit: usize) -> Result<u64> {
+        self.core.inbox_purge_expired(limit).await
     }
+}
 
-    /// Remember where a message is.
-    pub(crate) fn remember(&self, id: MessageId, shard: u32, slot: u64) {
-        self.inner
-            .locator
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, (shard, slot));
-    }
+#[async_trait]
+impl TransactionalStore for DynamoDbStore {
+    type Tx = DynamoDbTx;
 
-    /// Where a message is: from memory, else from its id guard (strongly consistent).
-    pub(crate) async fn locate(
-        &self,
-        id: &MessageId,
-        op: &'static str,
-    ) -> Result<Option<(u32, u64)>> {
-        let known = self
-            .inner
-            .locator
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map
-            .get(id)
-            .copied();
-        if known.is_some() {
-            return Ok(known);
-        }
-        let out: GetItemOutput = send(
-            &self.inner.meter,
-            Meta::read(op),
-            self.inner
-                .client
-                .get_item()
-                .table_name(&self.inner.outbox)
-                .set_key(Some(codec::guard_key(id)))
-                .consistent_read(true)
-                .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-                .send(),
-            |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
-        )
-        .await?;
-        let Some(item) = out.item() else {
-            return Ok(None);
-        };
-        match (
-            get_n::<u32>(item, codec::SHARD)?,
-            get_n::<u64>(item, codec::SLOT)?,
-        ) {
-            (Some(shard), Some(slot)) => {
-                self.remember(*id, shard, slot);
-                Ok(Some((shard, slot)))
-            }
-            _ => Err(Error::unexpected(format!(
-                "the id guard of message {id} has no shard or slot"
-            ))),
-        }
-    }
-
-    /// Check (once per store) that the table records this store's shard count; record it if
-    /// the table has none yet (tables created by your own infrastructure-as-code).
-    pub(crate) async fn ensure_open(&self) -> Result<()> {
-        self.inner
-            .opened
-            .get_or_try_init(|| self.check_shard_count())
-            .await
-            .map(|_| ())
-    }
-
-    async fn check_shard_count(&self) -> Result<()> {
-        let want = self.inner.config.shard_count;
-        for _ in 0..2 {
-            let out: GetItemOutput = send(
-                &self.inner.meter,
-                Meta::read("open"),
-                self.inner
-                    .client
-                    .get_item()
-                    .table_name(&self.inner.outbox)
-                    .set_key(Some(codec::table_meta_key()))
-                    .consistent_read(true)
-                    .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-                    .send(),
-                |_| Units::read(1.0),
-            )
-            .await?;
-            if let Some(item) = out.item() {
-                let have: Option<u32> = get_n(item, SHARD_COUNT)?;
-                return match have {
-                    Some(have) if have == want => Ok(()),
-                    Some(have) => Err(Error::config(format!(
-                        "table {} was created with shard_count {have}, but this store is configured with shard_count {want}; every writer and relay of a table must use the table's shard count (messages would otherwise go to shards no relay reads)",
-                        self.inner.outbox
-                    ))),
-                    None => Err(Error::config(format!(
-                        "table {} has a meta item without a shard count; it was not created by this library",
-                        self.inner.outbox
-                    ))),
-                };
-            }
-            let mut item = codec::table_meta_key();
-            item.insert(SHARD_COUNT.into(), codec::n(want));
-            item.insert("v".into(), codec::n(2));
-            let size = codec::item_size(&item);
-            send_conditional(
-                &self.inner.meter,
-                "open",
-                self.inner
-                    .client
-                    .put_item()
-                    .table_name(&self.inner.outbox)
-                    .set_item(Some(item))
-                    .condition_expression("attribute_not_exists(#pk)")
-                    .expression_attribute_names("#pk", codec::PK)
-                    .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-                    .send(),
-                Units::write(write_units(size)),
-            )
-            .await?;
-        }
-        Err(Error::unavailable(format!(
-            "could not read the meta item of table {} after recording it; retry",
-            self.inner.outbox
-        )))
+    async fn begin(&self) -> Result<DynamoDbTx> {
+        Ok(self.unit_of_work())
     }
 }

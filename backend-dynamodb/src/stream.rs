@@ -11,7 +11,6 @@ use outbox_core::relay::RelayHandle;
 use outbox_core::{CancellationToken, Error, Result};
 
 use crate::codec::{META_SLOT, PK, SK, shard_of_pk};
-use crate::store::DynamoDbStore;
 
 fn streams_err<E>(what: &str, e: E) -> Error
 where
@@ -70,15 +69,16 @@ pub struct StreamListener {
 }
 
 impl StreamListener {
-    /// A listener on the stream of `store`'s outbox table (which `migrate` enables).
-    ///
-    /// # Errors
-    /// `ConfigInvalid` if the table has no stream; DynamoDB errors.
-    pub async fn new(store: &DynamoDbStore, client: StreamsClient) -> Result<Self> {
-        let d = store
-            .client()
+    /// The listener behind [`StreamListener::new`]: on the stream of `outbox_table`, which
+    /// `dynamodb` describes.
+    pub(crate) async fn open(
+        dynamodb: &aws_sdk_dynamodb::Client,
+        outbox_table: &str,
+        client: StreamsClient,
+    ) -> Result<Self> {
+        let d = dynamodb
             .describe_table()
-            .table_name(store.table_names().0)
+            .table_name(outbox_table)
             .send()
             .await
             .map_err(crate::error::parse_error)?;
@@ -87,8 +87,7 @@ impl StreamListener {
             .and_then(|t| t.latest_stream_arn())
             .ok_or_else(|| {
                 Error::config(format!(
-                    "table {} has no stream; create it with DynamoDbStore::migrate",
-                    store.table_names().0
+                    "table {outbox_table} has no stream; create it with DynamoDbStore::migrate"
                 ))
             })?
             .to_owned();

@@ -1,30 +1,30 @@
 //! [`DynamoDbTx`]: the caller's own `TransactWriteItems` entries, outbox messages and
 //! inbox entries, committed in one `TransactWriteItems` call.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    ConditionCheck, Delete, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
+    AttributeValue, ConditionCheck, Delete, Put, ReturnConsumedCapacity, TransactWriteItem, Update,
 };
 use outbox_core::{
     AbortState, Committed, Error, ErrorKind, InboxEntry, InsertOutcome, Message, MessageId, Result,
     Transaction, add_duration,
 };
 
-use crate::codec::{self, MAX_SLOT, PK, item_size, value_size};
+use crate::codec::{
+    self, ITEM_HEADROOM, MAX_MESSAGE_SIZE, MAX_SLOT, MAX_TRANSACTION_ACTIONS,
+    MAX_TRANSACTION_BYTES, PK, item_size, value_size,
+};
+use crate::core::Core;
 use crate::error::{CancellationReasons, parse_error};
 use crate::meter::{Units, write_units};
 use crate::request::{Meta, build_err, metered};
-use crate::store::DynamoDbStore;
 
-/// DynamoDB's limit on actions in one transaction.
-pub const MAX_TRANSACTION_ACTIONS: usize = 100;
-/// DynamoDB's limit on the aggregate item size of one transaction (4 MB).
-pub const MAX_TRANSACTION_BYTES: usize = 4 * 1024 * 1024;
 /// Upper bound of an id guard item's size.
 const GUARD_BYTES: usize = 96;
 
@@ -74,7 +74,7 @@ struct Plan {
 /// show at commit (`AlreadyExists`, nothing written), as
 /// [`Capabilities`](outbox_core::Capabilities) declares.
 pub struct DynamoDbTx {
-    store: DynamoDbStore,
+    core: Arc<Core>,
     caller: Vec<TransactWriteItem>,
     caller_bytes: usize,
     inbox: Vec<InboxEntry>,
@@ -138,9 +138,9 @@ fn entry_size(e: &TransactWriteItem) -> usize {
 }
 
 impl DynamoDbTx {
-    pub(crate) fn new(store: DynamoDbStore) -> Self {
+    pub(crate) fn new(core: Arc<Core>) -> Self {
         DynamoDbTx {
-            store,
+            core,
             caller: Vec::new(),
             caller_bytes: 0,
             inbox: Vec::new(),
@@ -204,7 +204,7 @@ impl DynamoDbTx {
     fn shards(&self) -> BTreeSet<u32> {
         self.messages
             .iter()
-            .map(|m| self.store.shard_of(m))
+            .map(|m| self.core.shard_of(m))
             .collect()
     }
 
@@ -253,7 +253,7 @@ impl DynamoDbTx {
         let mut bytes = 0;
         let mut seen = HashSet::new();
         for m in messages {
-            bytes += self.store.checked_size(m)?;
+            bytes += self.core.checked_size(m)?;
             if self.ids.contains(&m.id) || !seen.insert(m.id) {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
@@ -295,7 +295,7 @@ impl DynamoDbTx {
     /// failure.
     pub(crate) async fn commit_inner(self) -> Result<Committed> {
         let mut committed = Committed::default();
-        let n = self.store.config().shard_count;
+        let n = self.core.config.shard_count;
         for m in &self.messages {
             committed.record(m, n);
         }
@@ -303,16 +303,16 @@ impl DynamoDbTx {
             return Ok(committed);
         }
         self.check_limits()?;
-        self.store.ensure_open().await?;
-        let max_attempts = self.store.config().max_commit_attempts;
-        let _guards = self.store.lock_shards(&self.shards()).await;
+        self.core.ensure_open().await?;
+        let max_attempts = self.core.config.max_commit_attempts;
+        let _guards = self.core.lock_shards(&self.shards()).await;
         let mut token = self.token_override.clone();
         for attempt in 1..=max_attempts {
             let plan = self.plan(token.take()).await?;
             match self.send(&plan).await? {
                 Attempt::Done => {
                     for (id, shard, slot) in &plan.placed {
-                        self.store.remember(*id, *shard, *slot);
+                        self.core.remember(*id, *shard, *slot);
                     }
                     return Ok(committed);
                 }
@@ -332,7 +332,7 @@ impl DynamoDbTx {
 
     /// Read the touched shards' tails, assign slots and sequences, build the request.
     async fn plan(&self, token: Option<String>) -> Result<Plan> {
-        let store = &self.store;
+        let core = &self.core;
         let mut roles: Vec<Role> = Vec::new();
         let mut items: Vec<TransactWriteItem> = Vec::new();
         let mut wcu = 0.0;
@@ -342,19 +342,18 @@ impl DynamoDbTx {
             items.push(e.clone());
         }
         for entry in &self.inbox {
-            let put = store.inbox_put(entry)?;
+            let put = core.inbox_put(entry)?;
             wcu += 2.0 * write_units(item_size(put.item()));
             roles.push(Role::Inbox(entry.clone()));
             items.push(TransactWriteItem::builder().put(put).build());
         }
         let mut placed = Vec::with_capacity(self.messages.len());
         if !self.messages.is_empty() {
-            let shard_of: Vec<u32> = self.messages.iter().map(|m| store.shard_of(m)).collect();
+            let shard_of: Vec<u32> = self.messages.iter().map(|m| core.shard_of(m)).collect();
             let touched: BTreeSet<u32> = shard_of.iter().copied().collect();
-            let tails = futures::future::try_join_all(
-                touched.iter().map(|s| store.read_tail(*s, "commit")),
-            )
-            .await?;
+            let tails =
+                futures::future::try_join_all(touched.iter().map(|s| core.read_tail(*s, "commit")))
+                    .await?;
             let mut next: BTreeMap<u32, u64> = BTreeMap::new();
             let mut floor = 0;
             for (shard, tail) in touched.iter().zip(&tails) {
@@ -362,9 +361,9 @@ impl DynamoDbTx {
                 floor = floor.max(tail.seq);
             }
             let count = u64::try_from(self.messages.len()).unwrap_or(u64::MAX);
-            let base = store.next_sequence(floor, count)?;
-            let now = store.config().clock.now();
-            let guard_ttl = add_duration(now, store.config().id_guard_ttl).timestamp();
+            let base = core.next_sequence(floor, count)?;
+            let now = core.config.clock.now();
+            let guard_ttl = add_duration(now, core.config.id_guard_ttl).timestamp();
             for (i, m) in self.messages.iter().enumerate() {
                 let shard = shard_of[i];
                 let slot = next
@@ -388,7 +387,7 @@ impl DynamoDbTx {
                         TransactWriteItem::builder()
                             .put(
                                 Put::builder()
-                                    .table_name(&store.inner.outbox)
+                                    .table_name(&core.outbox)
                                     .set_item(Some(item))
                                     .condition_expression("attribute_not_exists(#pk)")
                                     .expression_attribute_names("#pk", PK)
@@ -416,20 +415,19 @@ impl DynamoDbTx {
         let Some((id, shard, slot)) = plan.placed.first() else {
             return Ok(false);
         };
-        Ok(self.store.locate(id, "commit").await? == Some((*shard, *slot)))
+        Ok(self.core.locate(id, "commit").await? == Some((*shard, *slot)))
     }
 
     /// Send `plan`, resending the identical request after ambiguous failures.
     async fn send(&self, plan: &Plan) -> Result<Attempt> {
-        let store = &self.store;
+        let core = &self.core;
         let mut ambiguous = false;
         let mut resend = 0;
         loop {
             let out = metered(
-                store.meter(),
+                &core.meter,
                 Meta::write("commit"),
-                store
-                    .client()
+                core.client
                     .transact_write_items()
                     .set_transact_items(Some(plan.items.clone()))
                     .client_request_token(&plan.token)
@@ -629,5 +627,34 @@ impl Transaction for DynamoDbTx {
 
     async fn rollback(self) -> Result<()> {
         Ok(())
+    }
+}
+
+impl Core {
+    /// The queue item `message` becomes (as a new pending message), for size and cost
+    /// estimates: with the widest shard number of this configuration and the widest slot and
+    /// sequence, so the size limit does not depend on the shard a key hashes to.
+    pub(crate) fn message_item(&self, message: &Message) -> HashMap<String, AttributeValue> {
+        let widest = self.config.shard_count.saturating_sub(1);
+        codec::encode_new(message, widest, MAX_SLOT, u64::MAX / 2)
+    }
+
+    /// Validate a message and return its item size, or `PayloadTooLarge`.
+    pub(crate) fn checked_size(&self, message: &Message) -> Result<usize> {
+        outbox_core::rules::check_message(message)?;
+        let size = codec::item_size(&self.message_item(message));
+        if size > MAX_MESSAGE_SIZE {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge {
+                    size,
+                    limit: MAX_MESSAGE_SIZE,
+                },
+                format!(
+                    "message {} becomes a DynamoDB item of {size} bytes; the limit is {MAX_MESSAGE_SIZE} (400,000-byte item limit minus {ITEM_HEADROOM} bytes for delivery state)",
+                    message.id
+                ),
+            ));
+        }
+        Ok(size)
     }
 }

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use outbox_core::{Clock, Error, Result, SharedClock, SystemClock};
 
+use crate::core::LockClock;
+
 /// Default schema.
 pub const DEFAULT_SCHEMA: &str = "public";
 pub use outbox_core::rules::{
@@ -24,22 +26,6 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest schema name or table prefix (so `{prefix}messages_key_blockers` stays within
 /// PostgreSQL's 63-byte identifiers).
 const MAX_IDENT_LEN: usize = 41;
-
-/// Which clock decides lease expiry in [`PgLock`](crate::PgLock).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum LockClock {
-    /// The database server's `now()` (the default, for production). Every contender judges
-    /// expiry by the same clock, so client clock skew does not matter. The `expires_at` of a
-    /// returned [`Lease`](outbox_core::Lease) is translated to the caller's clock
-    /// conservatively: the caller's time just before the request plus the remaining time the
-    /// database reported, never later than the real expiry.
-    #[default]
-    Database,
-    /// The store's configured [`Clock`] (see [`PgConfig::with_clock`]). For tests that move
-    /// time with a `ManualClock`; in production every contender's clock must agree within a
-    /// margin much smaller than the lease TTL.
-    Store,
-}
 
 /// Everything a [`PgStore`](crate::PgStore) needs besides the connection.
 ///
@@ -274,12 +260,6 @@ pub(crate) fn validate_ident(what: &str, value: &str) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// Quote a validated identifier. Validation already excludes `"`; quoting anyway means a name
-/// is never parsed as a keyword and never case-folded.
-pub(crate) fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 /// A connection URL with the password replaced by `***`, for `Debug`, `Display` and logs.

@@ -2,6 +2,7 @@
 
 mod codec;
 mod config;
+mod core;
 mod error;
 mod lock;
 mod notify;
@@ -14,9 +15,10 @@ mod tx;
 pub use codec::{MessageRow, decode_row};
 pub use config::{
     DEFAULT_ACQUIRE_TIMEOUT, DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_POOL_SIZE,
-    DEFAULT_SCHEMA, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX, LockClock, MAX_MESSAGE_SIZE_LIMIT,
-    PgConfig, redact_url,
+    DEFAULT_SCHEMA, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX, MAX_MESSAGE_SIZE_LIMIT, PgConfig,
+    redact_url,
 };
+pub use core::LockClock;
 pub use error::parse_error;
 pub use lock::PgLock;
 pub use schema::SCHEMA_VERSION;

@@ -14,10 +14,8 @@ use outbox_core::{
 use sqlx::Row;
 use sqlx::postgres::types::PgInterval;
 
-use crate::config::LockClock;
+use crate::core::{Core, LockClock, q};
 use crate::error::parse_error_with;
-use crate::schema::q;
-use crate::store::Core;
 
 /// Leases on named resources, in the same database as the outbox.
 ///

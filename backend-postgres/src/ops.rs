@@ -11,9 +11,8 @@ use outbox_core::{
 use sqlx::PgConnection;
 
 use crate::codec::Columns;
+use crate::core::{Core, q};
 use crate::error::{parse_error_with, sqlstate};
-use crate::schema::q;
-use crate::store::Core;
 
 /// Check a message before writing it: the shared rules (which keep out what PostgreSQL text
 /// cannot hold), then the size limit.

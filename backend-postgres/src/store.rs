@@ -7,20 +7,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::{
-    Capabilities, DateTime, Error, ErrorKind, FailedAttempt, FailureOutcome, InboxEntry,
-    InboxStore, InsertOutcome, ListQuery, Message, MessageId, Ordering, OutboxStats, OutboxStore,
-    PendingQuery, RequeueFilter, Result, SharedClock, StoredMessage, TransactionalStore, Utc,
-    async_trait, truncate_micros,
+    CancellationToken, Capabilities, DateTime, Error, ErrorKind, FailedAttempt, FailureOutcome,
+    InboxEntry, InboxStore, InsertOutcome, ListQuery, Message, MessageId, Ordering, OutboxStats,
+    OutboxStore, PendingQuery, RelayHandle, RequeueFilter, Result, StoredMessage,
+    TransactionalStore, Utc, async_trait, truncate_micros,
 };
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::codec::{read_message, to_i64};
-use crate::config::{LockClock, PgConfig, redact_url};
+use crate::config::{PgConfig, redact_url};
+use crate::core::{Core, Sql, q, quote};
 use crate::error::parse_error_with;
 use crate::lock::PgLock;
+use crate::notify;
 use crate::ops;
-use crate::schema::{self, Sql, key_lock_class, q};
+use crate::schema::{self, key_lock_class};
 use crate::tx::PgTx;
 
 /// One query's plan, from [`PgStore::explain_relay_queries`].
@@ -37,42 +39,13 @@ pub struct QueryPlan {
 /// Default number of rows of [`OutboxStore::list`] when the query's limit is 0.
 const DEFAULT_LIST_LIMIT: usize = 100;
 
-/// State shared by a store, its clones, its lock and its transactions.
-pub(crate) struct Core {
-    pub(crate) pool: PgPool,
-    pub(crate) config: PgConfig,
-    pub(crate) sql: Sql,
-    pub(crate) shard_count: u32,
-    pub(crate) max_message_size: usize,
-    pub(crate) inbox_retention: Duration,
-    pub(crate) clock: SharedClock,
-    pub(crate) lock_clock: LockClock,
-    pub(crate) key_lock_class: i32,
-    pub(crate) notify: bool,
-    pub(crate) channel: String,
-    /// The connection URL with its password redacted, when known.
-    pub(crate) url: Option<String>,
-}
-
-impl fmt::Debug for Core {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgStore")
-            .field("url", &self.url)
-            .field("schema", &self.config.schema())
-            .field("table_prefix", &self.config.table_prefix())
-            .field("shard_count", &self.shard_count)
-            .field("lock_clock", &self.lock_clock)
-            .field("notify", &self.notify)
-            .finish_non_exhaustive()
-    }
-}
-
 /// Outbox, inbox and lease storage in PostgreSQL; see the crate documentation.
 ///
 /// Cheap to clone: clones share the connection pool.
 #[derive(Clone)]
 pub struct PgStore {
-    pub(crate) core: Arc<Core>,
+    core: Arc<Core>,
+    config: Arc<PgConfig>,
 }
 
 impl fmt::Debug for PgStore {
@@ -119,17 +92,19 @@ impl PgStore {
             core: Arc::new(Core {
                 pool,
                 sql: Sql::new(&schema, &prefix),
+                key_lock_class: key_lock_class(&schema, &prefix),
+                channel: notify::channel_name(&schema, &prefix),
+                schema,
+                table_prefix: prefix,
                 shard_count: config.shard_count(),
                 max_message_size: config.max_message_size(),
                 inbox_retention: config.inbox_retention(),
                 clock: config.clock().clone(),
                 lock_clock: config.lock_clock(),
-                key_lock_class: key_lock_class(&schema, &prefix),
                 notify: config.notify(),
-                channel: crate::notify::channel_name(&schema, &prefix),
                 url,
-                config,
             }),
+            config: Arc::new(config),
         })
     }
 
@@ -145,8 +120,8 @@ impl PgStore {
         let mut conn = self.acquire().await?;
         schema::migrate(
             &mut conn,
-            self.core.config.schema(),
-            self.core.config.table_prefix(),
+            &self.core.schema,
+            &self.core.table_prefix,
             self.core.shard_count,
         )
         .await
@@ -158,11 +133,8 @@ impl PgStore {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
             .bind(format!(
                 "{}.{}",
-                crate::config::quote(self.core.config.schema()),
-                crate::config::quote(&format!(
-                    "{}schema_version",
-                    self.core.config.table_prefix()
-                ))
+                quote(&self.core.schema),
+                quote(&format!("{}schema_version", self.core.table_prefix))
             ))
             .fetch_one(&mut *conn)
             .await
@@ -178,7 +150,7 @@ impl PgStore {
 
     /// The configuration.
     pub fn config(&self) -> &PgConfig {
-        &self.core.config
+        &self.config
     }
 
     /// The pool, for your own queries.
@@ -288,7 +260,33 @@ impl PgStore {
         ops::inbox_insert(conn, &self.core, entry, self.core.clock.now()).await
     }
 
-    pub(crate) async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
+    /// Wake `relay` whenever a transaction that added messages to this outbox commits, from
+    /// any process, by `LISTEN`ing on [`notify_channel`](Self::notify_channel). Needs
+    /// [`PgConfig::with_notify`](crate::PgConfig::with_notify) on the writers' stores.
+    ///
+    /// Returns once the `LISTEN` is in place; the returned task runs until `shutdown` is
+    /// cancelled. It holds one dedicated connection (not from the pool's budget of idle
+    /// connections: sqlx's listener takes one connection out of the pool for good). If the
+    /// connection drops it reconnects and wakes the relay once, since notifications sent
+    /// meanwhile are lost; the relay's polling remains the safety net in every case.
+    ///
+    /// # Errors
+    /// `Unavailable` if the listening connection cannot be opened.
+    pub async fn listen(
+        &self,
+        relay: RelayHandle,
+        shutdown: CancellationToken,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        notify::listen(
+            self.pool(),
+            self.notify_channel().to_owned(),
+            relay,
+            shutdown,
+        )
+        .await
+    }
+
+    async fn acquire(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>> {
         self.core
             .pool
             .acquire()
@@ -574,6 +572,6 @@ impl TransactionalStore for PgStore {
     type Tx = PgTx;
 
     async fn begin(&self) -> Result<PgTx> {
-        PgTx::begin(self.clone()).await
+        PgTx::begin(self.core.clone()).await
     }
 }

@@ -1,6 +1,7 @@
 //! [`PgTx`]: a database transaction spanning your SQL, outbox adds and inbox inserts.
 
 use std::fmt;
+use std::sync::Arc;
 
 use outbox_core::{
     AbortState, Committed, ErrorKind, InboxEntry, InsertOutcome, Message, Result, Transaction,
@@ -8,9 +9,9 @@ use outbox_core::{
 };
 use sqlx::{PgConnection, Postgres};
 
+use crate::core::Core;
 use crate::error::parse_error_with;
 use crate::ops;
-use crate::store::PgStore;
 
 /// An open PostgreSQL transaction (`READ COMMITTED`) on a pooled connection: your own SQL,
 /// outbox adds and inbox inserts commit together, or not at all.
@@ -27,7 +28,7 @@ use crate::store::PgStore;
 ///   into a silent rollback): it fails instead of reporting a commit that did not happen.
 /// - Dropping it without committing rolls back.
 pub struct PgTx {
-    store: PgStore,
+    core: Arc<Core>,
     tx: sqlx::Transaction<'static, Postgres>,
     committed: Committed,
     abort: AbortState,
@@ -44,15 +45,14 @@ impl fmt::Debug for PgTx {
 }
 
 impl PgTx {
-    pub(crate) async fn begin(store: PgStore) -> Result<PgTx> {
-        let tx = store
-            .core
+    pub(crate) async fn begin(core: Arc<Core>) -> Result<PgTx> {
+        let tx = core
             .pool
             .begin()
             .await
             .map_err(|e| parse_error_with(e, "beginning a transaction"))?;
         Ok(PgTx {
-            store,
+            core,
             tx,
             committed: Committed::default(),
             abort: AbortState::default(),
@@ -77,7 +77,7 @@ impl Transaction for PgTx {
 
     async fn add_batch(&mut self, messages: &[Message]) -> Result<()> {
         self.abort.check()?;
-        let core = self.store.core.clone();
+        let core = self.core.clone();
         // Invalid messages are rejected before anything reaches the database; they abort the
         // transaction all the same (one contract for every failure).
         let mut result = messages
@@ -95,7 +95,7 @@ impl Transaction for PgTx {
 
     async fn inbox_insert(&mut self, entry: &InboxEntry) -> Result<InsertOutcome> {
         self.abort.check()?;
-        let core = self.store.core.clone();
+        let core = self.core.clone();
         let now = core.clock.now();
         let result = match outbox_core::rules::check_inbox_entry(entry) {
             Ok(()) => ops::inbox_insert(&mut self.tx, &core, entry, now).await,

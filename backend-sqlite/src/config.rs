@@ -10,6 +10,9 @@ pub use outbox_core::rules::{
     DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX,
 };
 use outbox_core::rules::{check_inbox_retention, check_shard_count};
+
+use crate::core::ConnSettings;
+
 /// Default number of pooled connections.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 /// Default time a statement waits for the database write lock before failing with a retryable
@@ -295,6 +298,18 @@ pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+impl SqliteConfig {
+    /// How the store opens each connection of its pool.
+    pub(crate) fn conn_settings(&self) -> ConnSettings {
+        ConnSettings {
+            path: self.path().to_owned(),
+            synchronous: self.synchronous().pragma_value(),
+            journal_mode: self.journal_mode().pragma_value(),
+            busy_timeout: self.busy_timeout(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,10 +2,10 @@
 
 mod codec;
 mod config;
+mod core;
 mod error;
 mod lock;
 mod ops;
-mod pool;
 mod schema;
 mod store;
 mod tx;

@@ -15,9 +15,9 @@ use outbox_core::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::codec::{from_micros, to_micros};
+use crate::core::Core;
 use crate::error::parse_error_with;
 use crate::ops::{read, write};
-use crate::store::Core;
 
 /// Leases on named resources, stored in the same SQLite file as the outbox.
 ///

@@ -12,8 +12,8 @@ use outbox_core::{
 use rusqlite::{Connection, TransactionBehavior, params};
 
 use crate::codec::{headers_json, to_micros};
+use crate::core::Core;
 use crate::error::parse_error_with;
-use crate::store::Core;
 
 /// Check a message before writing it: the model's own invariants, then the size limit.
 pub(crate) fn check_message(core: &Core, message: &Message) -> Result<()> {

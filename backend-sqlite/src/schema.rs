@@ -1,4 +1,5 @@
-//! Table names, versioned migrations and the SQL text of every statement.
+//! Versioned migrations. The SQL text of every statement is [`Sql`](crate::core::Sql) in the
+//! leaf `core`.
 
 use outbox_core::{Error, Result};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -72,158 +73,6 @@ CREATE TABLE {p}settings (
 ) STRICT;
 "#,
 )];
-
-/// The columns of a message row, in the order [`crate::codec::read_message`] reads them.
-const MESSAGE_COLUMNS: &str = "sequence, id, topic, key, payload, headers, content_type, \
-     message_type, correlation_id, reply_to, created_at, deliver_after, traceparent, tracestate, \
-     baggage, status, attempts, next_attempt_at, last_error, dispatched_at, shard";
-
-/// The condition under which an earlier message of a key holds back later ones (PerKey):
-/// parked, or pending but not due at `:now`. The first three terms repeat the WHERE clause
-/// of the `messages_key_blockers` partial index word for word, so SQLite uses it.
-fn blocker_condition(alias: &str) -> String {
-    format!(
-        "{a}.key IS NOT NULL AND {a}.status <> 'dispatched' \
-         AND ({a}.status = 'parked' OR {a}.next_attempt_at IS NOT NULL OR {a}.deliver_after IS NOT NULL) \
-         AND ({a}.status = 'parked' OR {a}.next_attempt_at > :now OR {a}.deliver_after > :now)",
-        a = alias
-    )
-}
-
-/// The SQL text of every statement, built once per store for its prefix.
-#[derive(Debug)]
-pub(crate) struct Sql {
-    pub(crate) prefix: String,
-    pub(crate) insert_message: String,
-    pub(crate) get_message: String,
-    pub(crate) pending_per_key: String,
-    pub(crate) pending_unordered: String,
-    pub(crate) message_by_sequence: String,
-    pub(crate) mark_dispatched: String,
-    pub(crate) failed_state: String,
-    pub(crate) mark_retrying: String,
-    pub(crate) mark_parked: String,
-    pub(crate) requeue_id: String,
-    pub(crate) requeue_topic: String,
-    pub(crate) requeue_all: String,
-    pub(crate) stats: String,
-    pub(crate) purge_dispatched: String,
-    pub(crate) list: String,
-    pub(crate) dispatched_since: String,
-    pub(crate) inbox_insert: String,
-    pub(crate) inbox_contains: String,
-    pub(crate) inbox_purge: String,
-    pub(crate) lease_get: String,
-    pub(crate) lease_insert: String,
-    pub(crate) lease_take: String,
-    pub(crate) lease_extend: String,
-    pub(crate) lease_release: String,
-}
-
-impl Sql {
-    /// Statements for `prefix`, which must have been validated.
-    pub(crate) fn new(prefix: &str) -> Self {
-        let m = format!("{prefix}messages");
-        let i = format!("{prefix}inbox");
-        let l = format!("{prefix}leases");
-        let cols = MESSAGE_COLUMNS;
-        let due = "(m.deliver_after IS NULL OR m.deliver_after <= :now) \
-                   AND (m.next_attempt_at IS NULL OR m.next_attempt_at <= :now)";
-        let pending_base = format!(
-            "SELECT m.sequence FROM {m} AS m \
-             WHERE m.status = 'pending' AND m.shard = :shard AND {due}"
-        );
-        Sql {
-            prefix: prefix.to_owned(),
-            insert_message: format!(
-                "INSERT INTO {m} (id, topic, key, payload, headers, content_type, message_type, \
-                 correlation_id, reply_to, created_at, deliver_after, traceparent, tracestate, \
-                 baggage, status, attempts, shard) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'pending', 0, ?15)"
-            ),
-            get_message: format!("SELECT {cols} FROM {m} WHERE id = ?1"),
-            pending_per_key: format!(
-                "{pending_base} AND (m.key IS NULL OR NOT EXISTS (\
-                 SELECT 1 FROM {m} AS e WHERE e.key = m.key AND e.sequence < m.sequence AND {blk})) \
-                 ORDER BY m.sequence LIMIT :limit",
-                blk = blocker_condition("e")
-            ),
-            pending_unordered: format!("{pending_base} ORDER BY m.sequence LIMIT :limit"),
-            message_by_sequence: format!("SELECT {cols} FROM {m} WHERE sequence = ?1"),
-            mark_dispatched: format!(
-                "UPDATE {m} SET status = 'dispatched', dispatched_at = ?2 \
-                 WHERE id = ?1 AND status <> 'dispatched'"
-            ),
-            failed_state: format!("SELECT status, attempts FROM {m} WHERE id = ?1"),
-            mark_retrying: format!(
-                "UPDATE {m} SET attempts = ?2, last_error = ?3, next_attempt_at = ?4 \
-                 WHERE id = ?1 AND status = 'pending'"
-            ),
-            mark_parked: format!(
-                "UPDATE {m} SET status = 'parked', attempts = ?2, last_error = ?3, \
-                 next_attempt_at = NULL WHERE id = ?1 AND status = 'pending'"
-            ),
-            requeue_id: format!(
-                "UPDATE {m} SET status = 'pending', attempts = 0, next_attempt_at = NULL \
-                 WHERE id = ?1 AND status = 'parked'"
-            ),
-            requeue_topic: format!(
-                "UPDATE {m} SET status = 'pending', attempts = 0, next_attempt_at = NULL \
-                 WHERE topic = ?1 AND status = 'parked'"
-            ),
-            requeue_all: format!(
-                "UPDATE {m} SET status = 'pending', attempts = 0, next_attempt_at = NULL \
-                 WHERE status = 'parked'"
-            ),
-            stats: format!(
-                "SELECT (SELECT count(*) FROM {m} WHERE status = 'pending'), \
-                        (SELECT count(*) FROM {m} WHERE status = 'parked'), \
-                        (SELECT min(created_at) FROM {m} WHERE status = 'pending')"
-            ),
-            purge_dispatched: format!(
-                "DELETE FROM {m} WHERE sequence IN (\
-                 SELECT sequence FROM {m} WHERE status = 'dispatched' AND dispatched_at <= ?1 \
-                 ORDER BY dispatched_at LIMIT ?2)"
-            ),
-            list: format!(
-                "SELECT {cols} FROM {m} WHERE (?1 IS NULL OR status = ?1) \
-                 AND (?2 IS NULL OR topic = ?2) AND (?3 IS NULL OR key = ?3) \
-                 ORDER BY sequence LIMIT ?4"
-            ),
-            dispatched_since: format!(
-                "SELECT count(*) FROM {m} WHERE status = 'dispatched' AND dispatched_at >= ?1"
-            ),
-            inbox_insert: format!(
-                "INSERT INTO {i} (message_id, handler_key, inserted_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT (message_id, handler_key) DO UPDATE \
-                 SET inserted_at = excluded.inserted_at, expires_at = excluded.expires_at \
-                 WHERE {i}.expires_at <= ?3"
-            ),
-            inbox_contains: format!(
-                "SELECT EXISTS (SELECT 1 FROM {i} \
-                 WHERE message_id = ?1 AND handler_key = ?2 AND expires_at > ?3)"
-            ),
-            inbox_purge: format!(
-                "DELETE FROM {i} WHERE rowid IN (\
-                 SELECT rowid FROM {i} WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)"
-            ),
-            lease_get: format!("SELECT owner, token, expires_at FROM {l} WHERE resource = ?1"),
-            lease_insert: format!(
-                "INSERT INTO {l} (resource, owner, token, expires_at) VALUES (?1, ?2, ?3, ?4)"
-            ),
-            lease_take: format!(
-                "UPDATE {l} SET owner = ?2, token = ?3, expires_at = ?4 WHERE resource = ?1"
-            ),
-            lease_extend: format!(
-                "UPDATE {l} SET expires_at = ?4 WHERE resource = ?1 AND owner = ?2 AND token = ?3"
-            ),
-            lease_release: format!(
-                "UPDATE {l} SET owner = NULL WHERE resource = ?1 AND owner = ?2 AND token = ?3"
-            ),
-        }
-    }
-}
 
 /// Bring the schema of `prefix` to [`SCHEMA_VERSION`] and check the recorded shard count.
 ///
@@ -316,6 +165,7 @@ fn check_shard_count(conn: &mut Connection, prefix: &str, shard_count: u32) -> R
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::core::Sql;
 
     fn migrated() -> Connection {
         let mut conn = Connection::open_in_memory().unwrap();

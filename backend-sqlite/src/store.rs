@@ -8,51 +8,29 @@ use std::time::Duration;
 use outbox_core::{
     Capabilities, DateTime, Error, FailedAttempt, FailureOutcome, InboxEntry, InboxStore,
     InsertOutcome, ListQuery, Message, MessageId, OutboxStats, OutboxStore, PendingQuery,
-    RequeueFilter, Result, SharedClock, StoredMessage, TransactionalStore, Utc, async_trait,
-    truncate_micros,
+    RequeueFilter, Result, StoredMessage, TransactionalStore, Utc, async_trait, truncate_micros,
 };
 use rusqlite::{Connection, OptionalExtension, named_params, params};
 
 use crate::codec::{count, from_micros, read_message, to_i64, to_micros};
 use crate::config::SqliteConfig;
+use crate::core::{Core, Pool, Sql};
 use crate::error::parse_error_with;
 use crate::lock::SqliteLock;
 use crate::ops::{self, read, write};
-use crate::pool::{ConnSettings, Pool};
-use crate::schema::{self, Sql};
+use crate::schema;
 use crate::tx::SqliteTx;
 
 /// Default number of rows of [`OutboxStore::list`] when the query's limit is 0.
 const DEFAULT_LIST_LIMIT: usize = 100;
-
-/// State shared by a store, its clones, its lock and its transactions.
-pub(crate) struct Core {
-    pub(crate) config: SqliteConfig,
-    pub(crate) sql: Sql,
-    pub(crate) pool: Pool,
-    pub(crate) shard_count: u32,
-    pub(crate) max_message_size: usize,
-    pub(crate) inbox_retention: Duration,
-    pub(crate) clock: SharedClock,
-}
-
-impl fmt::Debug for Core {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.config.path())
-            .field("table_prefix", &self.sql.prefix)
-            .field("shard_count", &self.shard_count)
-            .field("pool_size", &self.config.pool_size())
-            .finish_non_exhaustive()
-    }
-}
 
 /// Outbox, inbox and lease storage in one SQLite file; see the crate documentation.
 ///
 /// Cheap to clone: clones share the connection pool.
 #[derive(Clone)]
 pub struct SqliteStore {
-    pub(crate) core: Arc<Core>,
+    core: Arc<Core>,
+    config: Arc<SqliteConfig>,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -71,7 +49,7 @@ impl SqliteStore {
     /// if the database stayed locked for longer than the busy timeout.
     pub async fn connect(config: SqliteConfig) -> Result<SqliteStore> {
         config.validate()?;
-        let pool = Pool::new(ConnSettings::from_config(&config), config.pool_size());
+        let pool = Pool::new(config.conn_settings(), config.pool_size());
         // Open one connection now, so a bad path fails here rather than at the first call.
         pool.run(|_| Ok(())).await?;
         Ok(SqliteStore {
@@ -82,8 +60,8 @@ impl SqliteStore {
                 max_message_size: config.max_message_size(),
                 inbox_retention: config.inbox_retention(),
                 clock: config.clock().clone(),
-                config,
             }),
+            config: Arc::new(config),
         })
     }
 
@@ -96,7 +74,7 @@ impl SqliteStore {
     /// different from the recorded one; `Unavailable` if the database stayed locked for
     /// longer than the busy timeout.
     pub async fn migrate(&self) -> Result<i64> {
-        let prefix = self.core.config.table_prefix().to_owned();
+        let prefix = self.config.table_prefix().to_owned();
         let shard_count = self.core.shard_count;
         let now = to_micros(self.core.clock.now());
         self.core
@@ -121,7 +99,7 @@ impl SqliteStore {
                 format!("sqlite database file {} does not exist", path.display()),
             ));
         }
-        let settings = ConnSettings::from_config(&config);
+        let settings = config.conn_settings();
         let table = format!("{}schema_version", config.table_prefix());
         let found = tokio::task::spawn_blocking(move || -> Result<bool> {
             let conn = settings.open()?;
@@ -149,7 +127,7 @@ impl SqliteStore {
 
     /// The configuration the store was connected with.
     pub fn config(&self) -> &SqliteConfig {
-        &self.core.config
+        &self.config
     }
 
     /// The distributed lock on this database, sharing the store's pool and clock.

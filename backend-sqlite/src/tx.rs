@@ -9,10 +9,9 @@ use outbox_core::{
 };
 use rusqlite::Connection;
 
+use crate::core::{Core, PooledConn};
 use crate::error::{join_error, parse_error, parse_error_with};
 use crate::ops;
-use crate::pool::PooledConn;
-use crate::store::Core;
 
 /// An open SQLite transaction: caller SQL, outbox adds and inbox inserts commit together.
 ///

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod check;
+mod ctx;
 mod env;
 mod fuzz;
 mod private;
@@ -15,9 +16,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::ctx::{Ctx, Scenario};
 use crate::env::Pair;
 use crate::report::Row;
-use crate::scenarios::{Ctx, Scenario};
 
 /// Fault suite: kills, pauses and races real `outbox relay` and `InboxProcessor` processes
 /// against the real local services, and counts every message end to end.

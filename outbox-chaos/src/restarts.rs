@@ -6,12 +6,10 @@ use std::time::{Duration, Instant};
 
 use outbox_core::{Error, Result};
 
+use crate::ctx::{Ctx, IN_FLIGHT, Scenario, conclude, join_writer, plan, relays, wait_growth};
 use crate::env::{COMMIT_ERRORS, COMMITS_FOUND_WRITTEN, Env, Pair, Recorder, write};
 use crate::private::{PrivatePg, PrivateRabbit};
 use crate::report::Row;
-use crate::scenarios::{
-    Ctx, IN_FLIGHT, Scenario, conclude, join_writer, plan, relays, wait_growth,
-};
 
 /// How soon after a service is back the consumer must see new messages: the relay's outage
 /// back-off is capped at [`OUTAGE_BACKOFF_MAX`] here, the RabbitMQ clients' reconnect

@@ -22,10 +22,10 @@ use outbox_rabbitmq::{
 use uuid::Uuid;
 
 use crate::check::{Sent, effects};
+use crate::ctx::Ctx;
 use crate::env::{Pair, SEQ_HEADER};
 use crate::procs::{signal, tail, wait_exit};
 use crate::report::Row;
-use crate::scenarios::Ctx;
 
 /// Arguments of the hidden `inbox-worker` subcommand.
 #[derive(Debug, Clone, clap::Args)]

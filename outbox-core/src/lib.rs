@@ -9,6 +9,7 @@ mod message;
 mod otel;
 mod router;
 mod store;
+mod text;
 mod transport;
 mod tx;
 
@@ -25,8 +26,9 @@ pub use inbox::{InboxEntry, InboxStore, InsertOutcome, inbox_expiry};
 pub use lock::{DistributedLock, Lease};
 pub use message::{
     JSON_CONTENT_TYPE, Message, MessageBuilder, MessageId, MessageStatus, MessageType,
-    StoredMessage, TYPE_NAME_HEADER, TraceContext, TypedMessage, is_json_content_type, shard_for,
+    StoredMessage, TYPE_NAME_HEADER, TypedMessage, is_json_content_type, shard_for,
 };
+pub use otel::TraceContext;
 pub use processor::{
     DEFAULT_CONCURRENCY, DEFAULT_MAX_DELIVERIES, HandlerError, InboxProcessor, MessageHandler,
     ProcessOutcome, ProcessorHealth, ProcessorStats,

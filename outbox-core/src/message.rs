@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use crate::clock::truncate_micros;
 use crate::error::{Error, Result};
-use crate::rules::{check_name, check_no_nul, check_text};
+use crate::otel::{self, TraceContext};
+use crate::text::{check_name, check_no_nul, check_text};
 
 /// The content type [`Message::json`] and [`MessageBuilder::json`] set.
 pub const JSON_CONTENT_TYPE: &str = "application/json";
@@ -145,26 +146,6 @@ impl MessageType {
 impl fmt::Display for MessageType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-/// W3C trace context carried with a message and restored on the consumer side.
-///
-/// Transports carry these as the headers `traceparent`, `tracestate` and `baggage`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct TraceContext {
-    /// `traceparent`, e.g. `00-<trace-id>-<span-id>-01`.
-    pub traceparent: Option<String>,
-    /// `tracestate`, vendor-specific data.
-    pub tracestate: Option<String>,
-    /// `baggage`, application key-value pairs.
-    pub baggage: Option<String>,
-}
-
-impl TraceContext {
-    /// Whether no field is set.
-    pub fn is_empty(&self) -> bool {
-        self.traceparent.is_none() && self.tracestate.is_none() && self.baggage.is_none()
     }
 }
 
@@ -386,7 +367,7 @@ impl MessageBuilder {
                 reply_to: None,
                 created_at: truncate_micros(Utc::now()),
                 deliver_after: None,
-                trace: crate::otel::current_trace_context(),
+                trace: otel::current_trace_context(),
             },
             error: None,
         }
@@ -611,7 +592,7 @@ pub fn shard_for(key: Option<&str>, id: &MessageId, shard_count: u32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MAX_FIELD_LEN;
+    use crate::text::MAX_FIELD_LEN;
 
     #[test]
     fn builder_rejects_bad_input_with_field_name() {

@@ -1,4 +1,6 @@
-//! W3C trace context between `tracing` spans and messages (the `opentelemetry` feature).
+//! W3C trace context: the [`TraceContext`] a message carries, and its exchange with
+//! `tracing` spans (the `opentelemetry` feature). A leaf: it imports no other module of this
+//! crate.
 //!
 //! Without the feature, nothing is captured and nothing is restored: the trace context is
 //! whatever the application sets on the builder.
@@ -8,8 +10,27 @@
 //! `tracestate`, and [`InboxProcessor`](crate::InboxProcessor) makes its handling span a
 //! child of the context a delivery carries.
 
-#[cfg(not(feature = "opentelemetry"))]
-use crate::message::TraceContext;
+use serde::{Deserialize, Serialize};
+
+/// W3C trace context carried with a message and restored on the consumer side.
+///
+/// Transports carry these as the headers `traceparent`, `tracestate` and `baggage`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct TraceContext {
+    /// `traceparent`, e.g. `00-<trace-id>-<span-id>-01`.
+    pub traceparent: Option<String>,
+    /// `tracestate`, vendor-specific data.
+    pub tracestate: Option<String>,
+    /// `baggage`, application key-value pairs.
+    pub baggage: Option<String>,
+}
+
+impl TraceContext {
+    /// Whether no field is set.
+    pub fn is_empty(&self) -> bool {
+        self.traceparent.is_none() && self.tracestate.is_none() && self.baggage.is_none()
+    }
+}
 
 /// The trace context of the current `tracing` span, when it belongs to a sampled or
 /// unsampled but valid OpenTelemetry trace; empty otherwise (and always without the feature).
@@ -35,7 +56,7 @@ mod imp {
     };
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-    use crate::message::TraceContext;
+    use super::TraceContext;
 
     /// The W3C `traceparent` version this crate writes.
     const VERSION: &str = "00";
