@@ -13,7 +13,7 @@ pub const DEFAULT_SCHEMA: &str = "public";
 pub use outbox_core::rules::{
     DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX,
 };
-use outbox_core::rules::{check_inbox_retention, check_shard_count};
+use outbox_core::rules::{check_inbox_retention, check_max_message_size, check_shard_count};
 /// The largest accepted `max_message_size`: 256 MiB. PostgreSQL's own limit for one `bytea`
 /// value is 1 GB, and a protocol message (all parameters of one statement) is limited to 1 GB
 /// too; a quarter of that leaves room for batches.
@@ -229,12 +229,7 @@ impl PgConfig {
         validate_ident("table_prefix", &self.table_prefix)?;
         check_shard_count(self.shard_count, i32::MAX as u32)?;
         check_inbox_retention(self.inbox_retention)?;
-        if self.max_message_size == 0 || self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {
-            return Err(Error::config(format!(
-                "max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes, got {}",
-                self.max_message_size
-            )));
-        }
+        check_max_message_size(self.max_message_size, MAX_MESSAGE_SIZE_LIMIT)?;
         if self.pool_size == 0 {
             return Err(Error::config("pool_size must be at least 1"));
         }

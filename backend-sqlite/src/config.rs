@@ -9,7 +9,7 @@ use outbox_core::{Clock, Error, Result, SharedClock, SystemClock};
 pub use outbox_core::rules::{
     DEFAULT_INBOX_RETENTION, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_SHARD_COUNT, DEFAULT_TABLE_PREFIX,
 };
-use outbox_core::rules::{check_inbox_retention, check_shard_count};
+use outbox_core::rules::{check_inbox_retention, check_max_message_size, check_shard_count};
 
 use crate::core::ConnSettings;
 
@@ -259,13 +259,7 @@ impl SqliteConfig {
             )));
         }
         check_inbox_retention(self.inbox_retention)?;
-        if self.max_message_size == 0 || self.max_message_size > MAX_MESSAGE_SIZE_LIMIT {
-            return Err(Error::config(format!(
-                "max_message_size must be between 1 and {MAX_MESSAGE_SIZE_LIMIT} bytes (SQLite's \
-                 largest row), got {}",
-                self.max_message_size
-            )));
-        }
+        check_max_message_size(self.max_message_size, MAX_MESSAGE_SIZE_LIMIT)?;
         if self.busy_timeout.is_zero() {
             return Err(Error::config("busy_timeout must be more than zero"));
         }

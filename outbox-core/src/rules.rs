@@ -70,6 +70,20 @@ pub fn check_shard_count(count: u32, max: u32) -> Result<()> {
     Ok(())
 }
 
+/// Check a configured message size limit: between 1 and `max` bytes, the backend's own bound
+/// (its largest storable row or item).
+///
+/// # Errors
+/// `ConfigInvalid` naming `max_message_size` otherwise.
+pub fn check_max_message_size(limit: usize, max: usize) -> Result<()> {
+    if limit == 0 || limit > max {
+        return Err(Error::config(format!(
+            "max_message_size must be between 1 and {max} bytes, got {limit}"
+        )));
+    }
+    Ok(())
+}
+
 /// Check a configured inbox retention: more than zero (a zero dedup window never detects a
 /// duplicate) and small enough to add to a timestamp.
 ///
