@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::batch_write_item::BatchWriteItemOutput;
-use aws_sdk_dynamodb::operation::get_item::GetItemOutput;
 use aws_sdk_dynamodb::operation::scan::ScanOutput;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemOutput;
 use aws_sdk_dynamodb::types::{
@@ -42,24 +41,11 @@ impl Core {
         at: (u32, u64),
         op: &'static str,
     ) -> Result<Option<Item>> {
-        let out: GetItemOutput = send(
-            &self.meter,
-            Meta::read(op),
-            self.client
-                .get_item()
-                .table_name(&self.outbox)
-                .set_key(Some(codec::queue_key(at.0, at.1)))
-                .consistent_read(true)
-                .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-                .send(),
-            |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
-        )
-        .await?;
         let id_s = id.to_string();
-        Ok(out
-            .item()
-            .filter(|i| get_s(i, ID) == Some(id_s.as_str()))
-            .cloned())
+        Ok(self
+            .get_strong(codec::queue_key(at.0, at.1), op)
+            .await?
+            .filter(|i| get_s(i, ID) == Some(id_s.as_str())))
     }
 
     /// Find a message by id: its location (memory or id guard), else every shard's open

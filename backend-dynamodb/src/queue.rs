@@ -257,6 +257,24 @@ fn query_units(o: &QueryOutput) -> Units {
 }
 
 impl Core {
+    /// A strongly consistent `GetItem` of the outbox table's item at `key` (1 RCU per 4 KB).
+    pub(crate) async fn get_strong(&self, key: Item, op: &'static str) -> Result<Option<Item>> {
+        let out: GetItemOutput = send(
+            &self.meter,
+            Meta::read(op),
+            self.client
+                .get_item()
+                .table_name(&self.outbox)
+                .set_key(Some(key))
+                .consistent_read(true)
+                .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
+                .send(),
+            |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
+        )
+        .await?;
+        Ok(out.item)
+    }
+
     /// Where a message is: from memory, else from its id guard (strongly consistent).
     pub(crate) async fn locate(
         &self,
@@ -267,22 +285,10 @@ impl Core {
         if known.is_some() {
             return Ok(known);
         }
-        let out: GetItemOutput = send(
-            &self.meter,
-            Meta::read(op),
-            self.client
-                .get_item()
-                .table_name(&self.outbox)
-                .set_key(Some(codec::guard_key(id)))
-                .consistent_read(true)
-                .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-                .send(),
-            |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
-        )
-        .await?;
-        let Some(item) = out.item() else {
+        let Some(item) = self.get_strong(codec::guard_key(id), op).await? else {
             return Ok(None);
         };
+        let item = &item;
         match (
             get_n::<u32>(item, codec::SHARD)?,
             get_n::<u64>(item, codec::SLOT)?,
@@ -334,20 +340,9 @@ impl Core {
 
     /// Strongly consistent read of a shard's meta item.
     pub(crate) async fn read_meta(&self, shard: u32, op: &'static str) -> Result<ShardMeta> {
-        let out: GetItemOutput = send(
-            &self.meter,
-            Meta::read(op),
-            self.client
-                .get_item()
-                .table_name(&self.outbox)
-                .set_key(Some(codec::queue_key(shard, META_SLOT)))
-                .consistent_read(true)
-                .return_consumed_capacity(ReturnConsumedCapacity::Indexes)
-                .send(),
-            |o: &GetItemOutput| Units::read(read_units(o.item().map_or(0, codec::item_size))),
-        )
-        .await?;
-        out.item()
+        self.get_strong(codec::queue_key(shard, META_SLOT), op)
+            .await?
+            .as_ref()
             .map(decode_meta)
             .transpose()
             .map(Option::unwrap_or_default)
